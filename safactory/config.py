@@ -1,0 +1,118 @@
+"""Run configuration: pydantic models with every field documented, YAML loading, `--set a.b=c` overrides.
+
+A run file is a small YAML recipe; anything it leaves out takes the defaults here.
+The resolved configuration and its hash are saved in the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from safactory.types import canonical_json, sha256_hex
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnvConfig(_Strict):
+    id: str = Field("arith", description="Registered environment id (see `safactory envs`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options for the env's task generator.")
+    train_tasks: int = Field(5000, description="Number of training tasks drawn from the train split.")
+    test_tasks: int = Field(200, description="Number of held-out tasks used for evaluation.")
+
+
+class ModelConfig(_Strict):
+    kind: str = Field("tiny", description="Model factory: 'tiny' (random init + character tokenizer).")
+    hidden_size: int = Field(128, description="Hidden width of the tiny model.")
+    layers: int = Field(2, description="Number of transformer layers.")
+    heads: int = Field(4, description="Attention heads.")
+    intermediate_size: int = Field(512, description="MLP width.")
+
+
+class RolloutConfig(_Strict):
+    concurrency: int = Field(512, description="Episodes running at once.")
+    max_turns: int = Field(4, description="Turn limit per episode (the env may set a lower one).")
+    max_tokens_per_turn: int = Field(32, description="Generated-token limit per assistant turn.")
+    timeout_s: float = Field(300.0, description="Wall-clock limit per episode.")
+    max_batch: int = Field(512, description="Largest generation batch of the local policy.")
+
+
+class SFTConfig(_Strict):
+    enabled: bool = Field(True, description="Run the supervised warm start on expert demonstrations.")
+    demos: int = Field(2000, description="Expert episodes to collect (successful ones are trained on).")
+    batch_size: int = Field(64, description="Sequences per optimiser step.")
+    lr: float = Field(1e-3, description="AdamW learning rate.")
+    max_steps: int = Field(1500, description="Upper bound on SFT optimiser steps.")
+    target_success: float = Field(
+        0.3, description="Stop once greedy success on the probe tasks reaches this (1.0 = train to max_steps)."
+    )
+    probe_tasks: int = Field(100, description="Training tasks used to probe greedy success during SFT.")
+    probe_every: int = Field(25, description="Probe every this many steps.")
+
+
+class RLConfig(_Strict):
+    enabled: bool = Field(True, description="Run GRPO on the policy's own rollouts after the warm start.")
+    steps: int = Field(150, description="Optimiser steps (each publishes a new policy version).")
+    tasks_per_step: int = Field(32, description="Groups (tasks) per optimiser step.")
+    group_size: int = Field(8, description="Episodes per task (G) for group-relative advantages.")
+    lr: float = Field(3e-4, description="AdamW learning rate.")
+    clip_eps: float = Field(0.2, description="PPO clip range of the importance ratio.")
+    temperature: float = Field(0.7, description="Sampling temperature of rollouts (log-probs are taken under it).")
+    normalize_std: bool = Field(True, description="Divide group advantages by the group's reward std.")
+    drop_equal_groups: bool = Field(True, description="Skip groups whose rewards are all equal (no signal).")
+    eta: int = Field(1, description="Staleness bound: rollouts may run this many versions ahead (0 = synchronous).")
+    eval_every: int = Field(50, description="Held-out evaluation every this many steps (0 = only at the end).")
+
+
+class RunConfig(_Strict):
+    name: str = Field("run", description="Run name, recorded in the store.")
+    seed: int = Field(0, description="Seed of model init, sampling and task order.")
+    store_url: str | None = Field(None, description="SQLAlchemy URL of the store; default: OUT/store.db (SQLite).")
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+
+    def hash(self) -> str:
+        return sha256_hex(canonical_json(self.model_dump(mode="json")))
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b=c` override in place; the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not of the form key.path=value")
+    path, raw = assignment.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ValueError(f"override {assignment!r} has an empty key")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (or start from defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping at the top level")
+        data = loaded or {}
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return RunConfig.model_validate(data)
+
+
+def save_config(config: RunConfig, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (directory / "config.sha256").write_text(config.hash() + "\n")

@@ -1,0 +1,195 @@
+"""The Environment protocol, its spec, a registry, and a base class for tool-using envs.
+
+An environment is one instance per episode: `reset(task, seed)`, then `step(action)`
+until it terminates, then `close()`. It owns its own state, never the chat history.
+`ToolEnvironment` turns malformed or unknown tool calls into error observations so
+that no bad action ever raises out of an episode.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+from safactory.types import Message, Observation, StepResult, Task, ToolCall, ToolSpec
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Static description of an environment."""
+
+    id: str
+    version: str
+    tools: tuple[ToolSpec, ...] = ()
+    max_turns: int = 8
+    splits: tuple[str, ...] = ("train", "test")
+    description: str = ""
+
+
+@runtime_checkable
+class Environment(Protocol):
+    spec: EnvSpec
+
+    async def reset(self, task: Task, seed: int) -> Observation: ...
+
+    async def step(self, action: Message) -> StepResult: ...
+
+    async def close(self) -> None: ...
+
+
+class TaskSource(Protocol):
+    """Deterministic task lists per split."""
+
+    def tasks(self, split: str, n: int) -> list[Task]: ...
+
+
+@dataclass
+class EnvEntry:
+    """What the registry knows about one environment id."""
+
+    factory: Callable[..., Environment]
+    tasks: Callable[..., TaskSource]
+    expert: Callable[..., Any] | None = None
+    spec: EnvSpec | None = None
+
+
+@dataclass
+class EnvRegistry:
+    """Maps env ids to factories. Built-ins register via `register`; installed packages
+    add theirs through the entry-point group `safactory.envs` (each entry point is a
+    callable taking the registry)."""
+
+    entries: dict[str, EnvEntry] = field(default_factory=dict)
+    _plugins_loaded: bool = False
+
+    def register(self, env_id: str, entry: EnvEntry) -> None:
+        if env_id in self.entries:
+            raise ValueError(f"environment {env_id!r} is already registered")
+        self.entries[env_id] = entry
+
+    def get(self, env_id: str) -> EnvEntry:
+        self._load_plugins()
+        if env_id not in self.entries:
+            known = ", ".join(sorted(self.entries)) or "none"
+            raise KeyError(f"unknown environment {env_id!r}; known: {known}")
+        return self.entries[env_id]
+
+    def ids(self) -> list[str]:
+        self._load_plugins()
+        return sorted(self.entries)
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group="safactory.envs"):
+            ep.load()(self)
+
+
+def default_registry() -> EnvRegistry:
+    """A registry holding the built-in environments (plus installed plugins on first use)."""
+    from safactory.sim.envs import register_builtins
+
+    registry = EnvRegistry()
+    register_builtins(registry)
+    return registry
+
+
+ToolHandler = Callable[..., Awaitable[str] | str]
+
+
+class ToolError(Exception):
+    """Raised by a tool handler for an error the agent should see as an observation."""
+
+
+class ToolEnvironment:
+    """Base class for environments whose actions are tool calls.
+
+    Subclasses set `spec`, implement `on_reset`, and define one method `tool_<name>`
+    per tool. Every call is validated against the tool's schema; problems become
+    tool messages starting with "error:" and are recorded in `info["errors"]`.
+    """
+
+    spec: EnvSpec
+
+    def __init__(self) -> None:
+        self.task: Task | None = None
+        self.turn = 0
+        self.done = False
+        self.rng = random.Random(0)
+
+    async def reset(self, task: Task, seed: int) -> Observation:
+        self.task = task
+        self.turn = 0
+        self.done = False
+        self.rng = random.Random(seed)
+        messages = await self.on_reset(task)
+        return Observation(messages=messages, tools=list(self.spec.tools))
+
+    async def on_reset(self, task: Task) -> list[Message]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+    def finish(self, reward: float, info: dict[str, Any] | None = None) -> None:
+        """Called by a tool handler to end the episode with a reward."""
+        self.done = True
+        self._final_reward = reward
+        self._final_info = info or {}
+
+    async def step(self, action: Message) -> StepResult:
+        if self.task is None:
+            raise RuntimeError("step() called before reset()")
+        if self.done:
+            return StepResult(
+                messages=[Message(role="user", content="error: episode is over")],
+                terminated=True,
+                info={"errors": ["step after termination"]},
+            )
+        self.turn += 1
+        self._final_reward = 0.0
+        self._final_info = {}
+        errors: list[str] = []
+        messages: list[Message] = []
+        if not action.tool_calls:
+            errors.append("no tool call")
+            usage = " or ".join(f"{t.name}(...)" for t in self.spec.tools)
+            messages.append(Message(role="user", content=f"error: no tool call; use {usage}"))
+        for call in action.tool_calls:
+            if self.done:
+                break
+            text = await self._dispatch(call, errors)
+            messages.append(Message(role="tool", content=text, tool_call_id=call.id, name=call.name))
+        info: dict[str, Any] = {"errors": errors} if errors else {}
+        if self.done:
+            info.update(self._final_info)
+            return StepResult(messages=messages, reward=self._final_reward, terminated=True, info=info)
+        truncated = self.turn >= self.spec.max_turns
+        return StepResult(messages=messages, reward=0.0, truncated=truncated, info=info)
+
+    async def _dispatch(self, call: ToolCall, errors: list[str]) -> str:
+        spec = next((t for t in self.spec.tools if t.name == call.name), None)
+        if spec is None:
+            known = ", ".join(t.name for t in self.spec.tools)
+            errors.append(f"unknown tool {call.name!r}")
+            return f"error: unknown tool {call.name!r}; available: {known}"
+        missing = [p for p in spec.parameters.get("required", []) if p not in call.arguments]
+        if missing:
+            errors.append(f"{call.name}: missing {missing}")
+            return f"error: {call.name} needs argument(s) {', '.join(missing)}"
+        handler = getattr(self, f"tool_{call.name}")
+        try:
+            result = handler(**call.arguments)
+            if isinstance(result, Awaitable):
+                result = await result
+            return str(result)
+        except ToolError as exc:
+            errors.append(f"{call.name}: {exc}")
+            return f"error: {exc}"
+        except TypeError as exc:
+            errors.append(f"{call.name}: bad arguments ({exc})")
+            return f"error: bad arguments for {call.name}"

@@ -1,0 +1,187 @@
+"""Shared records of Safactory: the one place every platform takes its data shapes from.
+
+Messages and tools follow the OpenAI chat format. A trajectory carries, per
+assistant turn, the exact token ids the policy saw and sampled, their behaviour
+log-probs and the policy version, so training never re-tokenises text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (RFC 9562 version 7) as a string."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the form every hash is taken over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class ToolCall(BaseModel):
+    """One call of a tool by the assistant."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class Message(BaseModel):
+    """One chat message in the OpenAI format."""
+
+    role: Role
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class ToolSpec(BaseModel):
+    """A tool the environment offers: JSON Schema parameters plus MCP-style hints."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    read_only: bool = False
+    destructive: bool = False
+
+    def param_names(self) -> list[str]:
+        """Parameter names, required ones first, in declaration order."""
+        props = list(self.parameters.get("properties", {}))
+        required = [p for p in self.parameters.get("required", []) if p in props]
+        return required + [p for p in props if p not in required]
+
+
+class Task(BaseModel):
+    """One task of an environment. `data` is private to the environment (e.g. the answer)."""
+
+    id: str
+    env_id: str
+    split: str
+    prompt: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    def hash(self) -> str:
+        return sha256_hex(canonical_json(self.model_dump()))
+
+
+class Observation(BaseModel):
+    """What the agent sees after reset: the opening messages and the tools on offer."""
+
+    messages: list[Message]
+    tools: list[ToolSpec] = Field(default_factory=list)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepResult(BaseModel):
+    """What the environment answers to one assistant action."""
+
+    messages: list[Message] = Field(default_factory=list)
+    reward: float | None = None
+    terminated: bool = False
+    truncated: bool = False
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokenTrace(BaseModel):
+    """Exact tokens of one assistant turn.
+
+    `prompt_ids` is what the policy was conditioned on, `completion_ids` what it
+    sampled, `logprobs` the behaviour log-prob of each sampled token under the
+    distribution actually sampled from (logits divided by `temperature`).
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float] | None = None
+    policy_version: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    finish_reason: str = "stop"
+
+    @field_validator("logprobs")
+    @classmethod
+    def _as_float32(cls, value: list[float] | None) -> list[float] | None:
+        """Log-probs are kept at float32 precision, as stored, so hashes survive a round trip."""
+        if value is None:
+            return None
+        return np.asarray(value, dtype=np.float32).astype(np.float64).tolist()
+
+
+class Step(BaseModel):
+    """One turn of an episode: the action, the environment's answer and the tokens behind it."""
+
+    index: int
+    action: Message
+    observation: list[Message] = Field(default_factory=list)
+    reward: float | None = None
+    info: dict[str, Any] = Field(default_factory=dict)
+    trace: TokenTrace | None = None
+    error: str | None = None
+
+
+class Trajectory(BaseModel):
+    """One episode, with provenance and an integrity hash."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str = Field(default_factory=uuid7)
+    run_id: str = ""
+    group_id: str = ""
+    kind: str = "rollout"
+    task: Task
+    task_hash: str = ""
+    env_id: str = ""
+    env_version: str = ""
+    seed: int = 0
+    prompt: list[Message] = Field(default_factory=list)
+    tools: list[ToolSpec] = Field(default_factory=list)
+    steps: list[Step] = Field(default_factory=list)
+    reward: float = 0.0
+    success: bool = False
+    termination: str = ""
+    started_at: float = 0.0
+    duration_s: float = 0.0
+    tags: dict[str, Any] = Field(default_factory=dict)
+    content_hash: str = ""
+    prev_hash: str = ""
+
+    def policy_versions(self) -> list[int]:
+        return sorted({s.trace.policy_version for s in self.steps if s.trace is not None})
+
+    def messages(self) -> list[Message]:
+        """The whole conversation: opening messages, then each action and its observation."""
+        out = list(self.prompt)
+        for step in self.steps:
+            out.append(step.action)
+            out.extend(step.observation)
+        return out
+
+    def compute_hash(self) -> str:
+        """sha256 over the canonical JSON of everything except the hash fields themselves."""
+        body = self.model_dump(exclude={"content_hash", "prev_hash"})
+        return sha256_hex(canonical_json(body))
