@@ -52,7 +52,7 @@ class SFTConfig(_Strict):
         0.3, description="Stop once greedy success on the probe tasks reaches this (1.0 = train to max_steps)."
     )
     probe_tasks: int = Field(100, description="Training tasks used to probe greedy success during SFT.")
-    probe_every: int = Field(25, description="Probe every this many steps.")
+    probe_every: int = Field(10, description="Probe every this many steps.")
 
 
 class RLConfig(_Strict):

@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (install + run the closed-loop demo) and `make test`.
+# Everything installs into .venv; the CPU build of torch is installed first when no
+# torch is present, so a CPU machine never pulls the multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+CONFIG ?= examples/arith.yaml
+
+.PHONY: install install-test demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e .
+
+install-test: install
+	$(BIN)/python -m pip install -q -e '.[test]'
+
+demo: install
+	$(BIN)/safactory run $(CONFIG) --out $(OUT)
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+lint: install-test
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

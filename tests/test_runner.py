@@ -1,0 +1,138 @@
+import asyncio
+
+from safactory.policy.base import Completion, SamplingParams
+from safactory.sim.agent import EpisodeLimits, run_episode
+from safactory.sim.env import EnvSpec
+from safactory.sim.envs.arith import ArithEnv, ArithExpert
+from safactory.sim.runner import Admission, RolloutRunner
+from safactory.types import Message, Observation, StepResult, ToolCall
+
+
+class AlwaysCalc:
+    """A policy that never answers: episodes end by the turn limit."""
+
+    async def generate(self, messages, tools, sampling):
+        return Completion(text="calc(1+1)", tool_calls=[ToolCall(id="c", name="calc", arguments={"expression": "1+1"})])
+
+
+class Broken:
+    async def generate(self, messages, tools, sampling):
+        raise RuntimeError("backend down")
+
+
+class Garbage:
+    async def generate(self, messages, tools, sampling):
+        return Completion(text="%%%", parse_error="not a tool call: '%%%'")
+
+
+class HangingEnv:
+    spec = EnvSpec(id="hang", version="0", max_turns=3)
+
+    async def reset(self, task, seed):
+        return Observation(messages=[Message(role="user", content="hi")])
+
+    async def step(self, action):
+        await asyncio.sleep(3600)
+        return StepResult()
+
+    async def close(self):
+        return None
+
+
+class RaisingEnv(HangingEnv):
+    async def step(self, action):
+        raise ValueError("simulator crashed")
+
+
+def episode(env_factory, policy, task, **limits):
+    return asyncio.run(
+        run_episode(env_factory, policy, task, seed=0, sampling=SamplingParams(), limits=EpisodeLimits(**limits))
+    )
+
+
+def test_groups_share_a_task_and_group_id_with_distinct_seeds(arith_tasks):
+    tasks = arith_tasks.tasks("train", 5)
+    runner = RolloutRunner(ArithEnv, ArithExpert(), limits=EpisodeLimits(), concurrency=3, run_id="r")
+    groups = asyncio.run(runner.run_groups(tasks, 4, SamplingParams()))
+    assert len(groups) == 5 and all(len(g) == 4 for g in groups)
+    for task, group in zip(tasks, groups, strict=True):
+        assert {t.task.id for t in group} == {task.id}
+        assert len({t.group_id for t in group}) == 1
+        assert len({t.seed for t in group}) == 4
+        assert all(t.run_id == "r" and t.success for t in group)
+    assert len({g[0].group_id for g in groups}) == 5
+    assert runner.episodes_done == 20
+
+
+def test_turn_limit(arith_tasks):
+    task = arith_tasks.tasks("train", 1)[0]
+    traj = episode(ArithEnv, AlwaysCalc(), task, max_turns=2)
+    assert len(traj.steps) == 2 and traj.termination == "max_turns" and not traj.success
+    traj = episode(ArithEnv, AlwaysCalc(), task, max_turns=10)
+    assert len(traj.steps) == 4 and traj.termination == "truncated"  # the env's own limit of 4
+
+
+def test_malformed_output_is_an_error_observation(arith_tasks):
+    task = arith_tasks.tasks("train", 1)[0]
+    traj = episode(ArithEnv, Garbage(), task)
+    assert traj.termination == "truncated" and len(traj.steps) == 4
+    assert all(s.error and s.observation[0].content.startswith("error:") for s in traj.steps)
+
+
+def test_failures_end_the_episode_with_a_reason(arith_tasks):
+    task = arith_tasks.tasks("train", 1)[0]
+    traj = episode(ArithEnv, Broken(), task)
+    assert traj.termination == "policy_error" and "backend down" in traj.tags["error"]
+    traj = episode(RaisingEnv, AlwaysCalc(), task)
+    assert traj.termination == "env_error" and "simulator crashed" in traj.steps[0].error
+    traj = episode(HangingEnv, AlwaysCalc(), task, env_timeout_s=0.05)
+    assert traj.termination == "env_timeout" and len(traj.steps) == 1
+    traj = episode(HangingEnv, AlwaysCalc(), task, timeout_s=0.05, env_timeout_s=100)
+    assert traj.termination == "timeout"
+
+
+def test_token_limit(policy, arith_tasks):
+    task = arith_tasks.tasks("train", 1)[0]
+    traj = episode(ArithEnv, policy, task, max_tokens_per_turn=8, max_total_tokens=12)
+    total = sum(len(s.trace.completion_ids) for s in traj.steps)
+    assert total <= 12
+    assert traj.termination in {"token_limit", "terminated", "truncated"}
+
+
+def test_admission_never_exceeds_the_staleness_bound(arith_tasks):
+    """The trainer steps at its own pace; every group must be admitted at most eta versions early."""
+
+    class Recording(Admission):
+        admitted: list[int] = []
+
+        async def acquire(self):
+            await super().acquire()
+            self.admitted.append(self.version())
+
+    async def go(eta):
+        state = {"version": 0}
+        admission = Recording(groups_per_batch=3, eta=eta, version=lambda: state["version"])
+        admission.admitted = []
+        runner = RolloutRunner(ArithEnv, ArithExpert(), limits=EpisodeLimits(), concurrency=8)
+        finished: asyncio.Queue = asyncio.Queue()
+
+        async def sink(group):
+            await finished.put(group)
+
+        producer = asyncio.create_task(runner.stream(iter(arith_tasks.tasks("train", 60)), 2, SamplingParams(), admission, sink))
+        for _ in range(6):  # six trainer steps of 3 groups each
+            for _ in range(3):
+                await finished.get()
+            await asyncio.sleep(0.01)  # rollouts run on meanwhile, as far as admission lets them
+            state["version"] += 1
+            admission.notify()
+        await asyncio.sleep(0.01)
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+        return admission.admitted
+
+    for eta in (0, 2):
+        admitted = asyncio.run(go(eta))
+        # group k (0-based) is trained at version k // 3; it must not start before version k // 3 - eta
+        assert all(k // 3 - v <= eta for k, v in enumerate(admitted))
+        assert len(admitted) == 3 * (6 + eta + 1)  # admission ran exactly to the bound, no further
