@@ -32,6 +32,14 @@ class ModelConfig(_Strict):
     layers: int = Field(2, description="Number of transformer layers.")
     heads: int = Field(4, description="Attention heads.")
     intermediate_size: int = Field(512, description="MLP width.")
+    device: str = Field("cpu", description="Torch device for inference and training: 'cpu', 'cuda', or 'auto'.")
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class RolloutConfig(_Strict):

@@ -74,6 +74,7 @@ class Factory:
             raise ValueError(f"model kind {cfg.model.kind!r} is not supported yet; use 'tiny'")
         spec = TinyModelSpec(cfg.model.hidden_size, cfg.model.layers, cfg.model.heads, cfg.model.intermediate_size)
         model, self.tokenizer = build_tiny(spec, cfg.seed)
+        model = model.to(cfg.model.torch_device())
         self.chat = PlainTextChat(self.tokenizer)
         self.policy = LocalPolicy(copy.deepcopy(model), self.chat, max_batch=cfg.rollout.max_batch, seed=cfg.seed)
         self.trainer = Trainer(model, lr=cfg.sft.lr, pad_id=self.tokenizer.pad_id)
