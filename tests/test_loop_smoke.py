@@ -74,7 +74,9 @@ def test_closed_loop_smoke(tmp_path):
     assert cfg.seed == 3 and cfg.rl.steps == 3
     initial, _ = build_tiny(TinyModelSpec(64, 2, 4, 128), seed=3)
     final, _ = load_model(out / "model")
-    changed = [not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), final.state_dict().values(), strict=True)]
+    changed = [
+        not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), final.state_dict().values(), strict=True)
+    ]
     assert all(changed)
 
 

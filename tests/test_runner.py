@@ -119,7 +119,9 @@ def test_admission_never_exceeds_the_staleness_bound(arith_tasks):
         async def sink(group):
             await finished.put(group)
 
-        producer = asyncio.create_task(runner.stream(iter(arith_tasks.tasks("train", 60)), 2, SamplingParams(), admission, sink))
+        producer = asyncio.create_task(
+            runner.stream(iter(arith_tasks.tasks("train", 60)), 2, SamplingParams(), admission, sink)
+        )
         for _ in range(6):  # six trainer steps of 3 groups each
             for _ in range(3):
                 await finished.get()

@@ -160,11 +160,12 @@ class TrajectoryStore:
         batch = list(items)
         if not batch:
             return 0
-        inserted = 0
         with self.engine.begin() as conn:
             ids = [t.id for t in batch]
             known = set(conn.execute(select(trajectories.c.id).where(trajectories.c.id.in_(ids))).scalars())
             last_hash: dict[str, str] = {}
+            traj_rows: list[dict[str, Any]] = []
+            trace_rows: list[dict[str, Any]] = []
             for traj in batch:
                 if traj.id in known:
                     continue
@@ -174,12 +175,13 @@ class TrajectoryStore:
                 traj.content_hash = traj.compute_hash()
                 traj.prev_hash = last_hash[traj.run_id]
                 last_hash[traj.run_id] = traj.content_hash
-                conn.execute(trajectories.insert().values(**self._row(traj)))
-                trace_rows = self._trace_rows(traj)
-                if trace_rows:
-                    conn.execute(token_traces.insert(), trace_rows)
-                inserted += 1
-        return inserted
+                traj_rows.append(self._row(traj))
+                trace_rows += self._trace_rows(traj)
+            if traj_rows:
+                conn.execute(trajectories.insert(), traj_rows)
+            if trace_rows:
+                conn.execute(token_traces.insert(), trace_rows)
+        return len(traj_rows)
 
     @staticmethod
     def _last_hash(conn: Any, run_id: str) -> str:

@@ -56,13 +56,22 @@ class EnvEntry:
     spec: EnvSpec | None = None
 
 
+SchemeFactory = Callable[[str], EnvEntry]
+
+
 @dataclass
 class EnvRegistry:
-    """Maps env ids to factories. Built-ins register via `register`; installed packages
+    """Maps env ids to factories.
+
+    Built-ins register via `register`; adapters register a scheme via
+    `register_scheme` and resolve ids such as `gym:Taxi-v3` or `http://host:port`
+    (`<scheme>:<rest>`, the rest passed to the scheme's factory). Installed packages
     add theirs through the entry-point group `safactory.envs` (each entry point is a
-    callable taking the registry)."""
+    callable taking the registry).
+    """
 
     entries: dict[str, EnvEntry] = field(default_factory=dict)
+    schemes: dict[str, SchemeFactory] = field(default_factory=dict)
     _plugins_loaded: bool = False
 
     def register(self, env_id: str, entry: EnvEntry) -> None:
@@ -70,12 +79,20 @@ class EnvRegistry:
             raise ValueError(f"environment {env_id!r} is already registered")
         self.entries[env_id] = entry
 
+    def register_scheme(self, scheme: str, factory: SchemeFactory) -> None:
+        if scheme in self.schemes:
+            raise ValueError(f"environment scheme {scheme!r} is already registered")
+        self.schemes[scheme] = factory
+
     def get(self, env_id: str) -> EnvEntry:
         self._load_plugins()
-        if env_id not in self.entries:
-            known = ", ".join(sorted(self.entries)) or "none"
-            raise KeyError(f"unknown environment {env_id!r}; known: {known}")
-        return self.entries[env_id]
+        if env_id in self.entries:
+            return self.entries[env_id]
+        scheme, sep, rest = env_id.partition(":")
+        if sep and scheme in self.schemes:
+            return self.schemes[scheme](rest)
+        known = ", ".join(sorted(self.entries) + [f"{s}:..." for s in sorted(self.schemes)]) or "none"
+        raise KeyError(f"unknown environment {env_id!r}; known: {known}")
 
     def ids(self) -> list[str]:
         self._load_plugins()
