@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Safactory: simulate, store, train, redeploy.")
+if TYPE_CHECKING:
+    from safactory.data.store import TrajectoryStore
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Safactory: simulate, store, train, redeploy.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and move the trajectory store.")
+app.add_typer(data_app, name="data")
+
+DbOption = Annotated[
+    str, typer.Option("--db", help="Store URL (sqlite:///path/store.db, postgresql+psycopg://...) or a run dir")
+]
+
+
+def _open_store(db: str) -> TrajectoryStore:
+    from safactory.data.store import TrajectoryStore
+
+    if "://" not in db:
+        path = Path(db)
+        db = f"sqlite:///{(path / 'store.db' if path.is_dir() else path).resolve()}"
+    return TrajectoryStore(db)
 
 
 @app.command()
@@ -45,6 +68,85 @@ def envs() -> None:
             continue
         tools = ", ".join(t.name for t in spec.tools)
         table.add_row(spec.id, spec.version, tools, ", ".join(spec.splits), str(spec.max_turns))
+    Console().print(table)
+
+
+@data_app.command("verify")
+def data_verify(db: DbOption) -> None:
+    """Check every run's hash chain; exit 1 naming the first modified, deleted or reordered trajectory."""
+    from rich.progress import Progress
+
+    from safactory.data.integrity import verify
+
+    store = _open_store(db)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        bar = progress.add_task("verifying", total=store.count())
+        report = verify(store, progress=lambda n: progress.advance(bar, n))
+    store.close()
+    if report.ok:
+        Console().print(f"ok: {report.checked} trajectories in {report.runs} runs verify")
+        return
+    for problem in report.problems:
+        Console().print(f"[red]FAILED[/red] {problem}")
+    raise typer.Exit(1)
+
+
+@data_app.command("stats")
+def data_stats(db: DbOption) -> None:
+    """Per run and kind: trajectories, success rate, mean reward, terminations."""
+    from sqlalchemy import Integer, func, select
+
+    from safactory.data.store import trajectories as t
+
+    store = _open_store(db)
+    stmt = (
+        select(t.c.run_id, t.c.kind, func.count(), func.avg(t.c.success.cast(Integer)), func.avg(t.c.reward))
+        .group_by(t.c.run_id, t.c.kind)
+        .order_by(t.c.run_id, t.c.kind)
+    )
+    table = Table(title=f"store {store.url}")
+    for col in ("run", "kind", "trajectories", "success", "mean reward"):
+        table.add_column(col)
+    with store.engine.connect() as conn:
+        for run_id, kind, n, success, reward in conn.execute(stmt):
+            table.add_row(run_id, kind, str(n), f"{success or 0:.3f}", f"{reward or 0:.3f}")
+    store.close()
+    Console().print(table)
+
+
+@data_app.command("query")
+def data_query(
+    db: DbOption,
+    run: Annotated[str | None, typer.Option(help="Only this run id")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind (rollout, eval, expert, ...)")] = None,
+    split: Annotated[str | None, typer.Option(help="Only this task split")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print whole trajectories as JSON lines")] = False,
+) -> None:
+    """List trajectories (or print them as JSON lines with --json)."""
+    store = _open_store(db)
+    rows = store.iter(run_id=run, kind=kind, split=split, limit=limit)
+    if as_json:
+        for traj in rows:
+            typer.echo(traj.model_dump_json())
+        store.close()
+        return
+    table = Table()
+    for col in ("id", "kind", "task", "steps", "reward", "success", "termination", "versions"):
+        table.add_column(col)
+    for traj in rows:
+        versions = ",".join(map(str, traj.policy_versions()))
+        table.add_row(
+            traj.id,
+            traj.kind,
+            traj.task.id,
+            str(len(traj.steps)),
+            f"{traj.reward:.2f}",
+            str(traj.success),
+            traj.termination,
+            versions,
+        )
+    store.close()
     Console().print(table)
 
 

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from safactory.config import RunConfig, save_config
 from safactory.data.experience import group_batch, sft_sequence
+from safactory.data.integrity import code_version, weights_hash
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.trainer import Trainer
 from safactory.metrics import MetricsLog
@@ -80,7 +81,10 @@ class Factory:
         self.trainer = Trainer(model, lr=cfg.sft.lr, pad_id=self.tokenizer.pad_id)
         self.store = TrajectoryStore(cfg.store_url) if cfg.store_url else TrajectoryStore.in_dir(self.out)
         self.run_id = f"{cfg.name}-{uuid7()}"
-        self.store.create_run(self.run_id, cfg.model_dump(mode="json"))
+        self.code_version = code_version()
+        self.store.create_run(self.run_id, cfg.model_dump(mode="json"), self.code_version)
+        self.weights_hashes: dict[int, str] = {}
+        self._record_version(self.policy.model.state_dict(), parent=None)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.entry: EnvEntry = default_registry().get(cfg.env.id)
         source = self.entry.tasks(**cfg.env.options)
@@ -114,7 +118,38 @@ class Factory:
             concurrency=self.config.rollout.concurrency,
             run_id=self.run_id,
             seed=self.config.seed,
+            provenance=self._provenance,
         )
+
+    def _provenance(self) -> dict[str, Any]:
+        """Stamped on every trajectory at episode start."""
+        version = self.policy.version
+        return {
+            "config_hash": self.config.hash(),
+            "code_version": self.code_version,
+            "policy_version_at_start": version,
+            "weights_hash": self.weights_hashes.get(version, ""),
+        }
+
+    def _record_version(self, state_dict: dict[str, torch.Tensor], parent: int | None) -> None:
+        """Register the policy's current version (weights hash, parent, training step) in the store."""
+        version = self.policy.version
+        self.weights_hashes[version] = weights_hash(state_dict)
+        self.store.add_checkpoint(
+            self.run_id,
+            version,
+            weights_hash=self.weights_hashes[version],
+            train_step=self.trainer.step,
+            parent_version=parent,
+        )
+
+    async def _publish(self) -> int:
+        """Hot-swap the trainer's weights into the running policy as the next version."""
+        weights = self.trainer.weights()
+        parent = self.policy.version
+        await self.policy.publish(weights)
+        self._record_version(weights, parent)
+        return self.policy.version
 
     def _progress(self) -> Progress:
         return Progress(
@@ -178,7 +213,7 @@ class Factory:
             self.metrics.log({"phase": "sft", "train/step": self.trainer.step, "train/loss": stats["loss"]})
             self.progress.update(bar, completed=step, status=f"loss {stats['loss']:.3f}  probe {probe:.2f}")
             if step % cfg.probe_every == 0 or step == cfg.max_steps:
-                await self.policy.publish(self.trainer.weights())
+                await self._publish()
                 probe = success_rate(await self._greedy(probe_tasks, {"phase": "sft_probe", "step": step}))
                 self.metrics.log({"policy_version": self.policy.version, "sft/probe_success": probe})
                 if probe >= cfg.target_success:
@@ -223,8 +258,8 @@ class Factory:
                 if batch.sequences:
                     stats = await asyncio.to_thread(self.trainer.train_step, batch.sequences, "ppo", cfg.clip_eps)
                 trained_version = self.policy.version
-                self.store.mark_consumed([i for ids in id_groups for i in ids], self.trainer.step)
-                await self.policy.publish(self.trainer.weights())
+                self.store.mark_consumed([i for ids in id_groups for i in ids], self.trainer.step, self.run_id)
+                await self._publish()
                 admission.notify()
                 t2 = time.perf_counter()
                 wait_s, train_s = wait_s + (t1 - t0), train_s + (t2 - t1)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -164,6 +164,8 @@ class Trajectory(BaseModel):
     reward: float = 0.0
     success: bool = False
     termination: str = ""
+    error: str | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
     started_at: float = 0.0
     duration_s: float = 0.0
     tags: dict[str, Any] = Field(default_factory=dict)

@@ -4,8 +4,8 @@ import pytest
 
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits, run_episode
-from safactory.sim.envs.arith import ArithEnv, ArithExpert, ArithTasks, expression_split, safe_eval
 from safactory.sim.env import ToolError
+from safactory.sim.envs.arith import ArithEnv, ArithExpert, ArithTasks, expression_split, safe_eval
 from safactory.types import Message, ToolCall
 
 

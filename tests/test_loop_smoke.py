@@ -66,8 +66,11 @@ def test_closed_loop_smoke(tmp_path):
     assert {sft_version, sft_version + 1, sft_version + 2} <= versions
     assert len(store.query(kind="expert")) == 48
     with store.engine.connect() as conn:
-        consumed = conn.execute(text("SELECT DISTINCT consumed_step FROM trajectories WHERE kind='rollout'")).scalars()
-        assert {7, 8, 9} <= set(consumed)
+        consumed = conn.execute(text("SELECT DISTINCT train_step FROM consumption")).scalars()
+        assert set(consumed) == {7, 8, 9}
+    versions_stored = [c["version"] for c in store.checkpoints(rollouts[0].run_id)]
+    assert versions_stored == list(range(sft_version + 4))
+    assert all(t.provenance["weights_hash"] and t.provenance["config_hash"] for t in rollouts)
     store.close()
 
     cfg = load_config(out / "config.yaml")

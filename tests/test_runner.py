@@ -82,7 +82,7 @@ def test_malformed_output_is_an_error_observation(arith_tasks):
 def test_failures_end_the_episode_with_a_reason(arith_tasks):
     task = arith_tasks.tasks("train", 1)[0]
     traj = episode(ArithEnv, Broken(), task)
-    assert traj.termination == "policy_error" and "backend down" in traj.tags["error"]
+    assert traj.termination == "policy_error" and "backend down" in traj.error
     traj = episode(RaisingEnv, AlwaysCalc(), task)
     assert traj.termination == "env_error" and "simulator crashed" in traj.steps[0].error
     traj = episode(HangingEnv, AlwaysCalc(), task, env_timeout_s=0.05)

@@ -5,14 +5,15 @@ from sqlalchemy import text
 
 from safactory.data.store import TrajectoryStore
 from safactory.policy.base import SamplingParams
-from safactory.sim.runner import RolloutRunner
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.envs.arith import ArithEnv
+from safactory.sim.runner import RolloutRunner
 
 
 @pytest.fixture
 def store(tmp_path):
     s = TrajectoryStore.in_dir(tmp_path)
+    s.create_run("run-a", {"note": "test"})
     yield s
     s.close()
 
@@ -54,17 +55,6 @@ def test_hash_changes_when_content_changes(trajs):
     assert traj.compute_hash() != before
 
 
-def test_tampering_is_visible_on_read(store, trajs):
-    store.add(trajs)
-    with store.engine.begin() as conn:
-        conn.execute(
-            text("UPDATE trajectories SET body = replace(body, :old, :new) WHERE seq = 1"),
-            {"old": '"reward":0.0', "new": '"reward":1.0'},
-        )
-    loaded = store.query(run_id="run-a")[0]
-    assert loaded.compute_hash() != loaded.content_hash
-
-
 def test_prompts_are_stored_once_not_per_turn(store, trajs):
     store.add(trajs)
     with store.engine.connect() as conn:
@@ -74,11 +64,45 @@ def test_prompts_are_stored_once_not_per_turn(store, trajs):
     assert stored < full if multi_turn else stored == full
 
 
-def test_consumption_is_recorded(store, trajs):
+def test_consumption_is_exactly_once_and_released_after_a_lost_step(store, trajs):
     store.add(trajs)
-    store.mark_consumed([trajs[0].id, trajs[1].id], step=7)
+    store.mark_consumed([trajs[0].id, trajs[1].id], step=7, run_id="run-a")
+    store.mark_consumed([trajs[2].id], step=8, run_id="run-a")
     left = store.query(run_id="run-a", unconsumed=True)
-    assert {t.id for t in left} == {t.id for t in trajs[2:]}
+    assert {t.id for t in left} == {t.id for t in trajs[3:]}
+    with pytest.raises(ValueError, match="already consumed"):
+        store.mark_consumed([trajs[1].id, trajs[4].id], step=9, run_id="run-a")
+    assert store.consumed_step(trajs[4].id) is None  # the failed call recorded nothing
+    # a trainer that resumes from the checkpoint of step 7 gets step 8's data again
+    assert store.release_consumed_after("run-a", 7) == 1
+    assert {t.id for t in store.query(run_id="run-a", unconsumed=True)} == {t.id for t in trajs[2:]}
+
+
+def test_checkpoints_and_lineage(store, trajs):
+    store.add(trajs)
+    store.add_checkpoint("run-a", 0, weights_hash="h0", train_step=0)
+    store.mark_consumed([trajs[0].id], step=1, run_id="run-a")
+    store.add_checkpoint("run-a", 1, weights_hash="h1", train_step=1, parent_version=0)
+    store.mark_consumed([trajs[1].id], step=2, run_id="run-a")
+    store.add_checkpoint("run-a", 2, weights_hash="h2", train_step=2, parent_version=1)
+    assert [c["version"] for c in store.checkpoints("run-a")] == [0, 1, 2]
+    assert store.lineage("run-a", 1) == [trajs[0].id]
+    assert set(store.lineage("run-a", 2)) == {trajs[0].id, trajs[1].id}
+
+
+def test_verdicts_and_scores_attach_to_trajectories(store, trajs):
+    store.add(trajs)
+    store.add_verdict(trajs[0].id, judge="rules", judge_version="1", unsafe=True, severity=0.5, reasons=["x"])
+    store.add_score(trajs[0].id, judge="rules", name="quality", value=0.25)
+    (verdict,) = store.verdicts(trajs[0].id)
+    assert verdict["unsafe"] and verdict["reasons"] == ["x"] and verdict["judge_version"] == "1"
+
+
+def test_adding_to_an_unknown_run_is_a_clear_error(store, trajs):
+    trajs[0].run_id = "nope"
+    with pytest.raises(KeyError, match="create_run"):
+        store.add(trajs[:1])
+    assert store.count() == 0
 
 
 def test_unknown_ids_and_schema_mismatch_are_clear_errors(store, tmp_path):

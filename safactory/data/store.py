@@ -1,21 +1,29 @@
-"""TrajectoryStore: every trajectory, its token traces and its integrity hash, on SQLAlchemy.
+"""TrajectoryStore: every trajectory, token-exact, with integrity hashes and lineage, on SQLAlchemy.
 
-SQLite (WAL mode) is the embedded default; any SQLAlchemy URL works. Token traces
-are stored compactly as little-endian int32 / float32 blobs, and each turn stores
-only the prompt tokens that are new since the previous turn (`prefix_len` says how
-many it shares), so storage grows linearly with the number of steps.
+SQLite (WAL mode) is the embedded default; a PostgreSQL URL works with the same
+code. The schema is versioned (`safactory_meta.schema_version`, checked on open).
 
-Ingest is idempotent (a trajectory id already stored is skipped) and each
-trajectory gets a sha256 content hash and the hash of the run's previous
-trajectory (a per-run hash chain). Consumption by the trainer is recorded with the
-training step that used the data, so it is delivered exactly once.
+Layout (storage grows linearly with the number of steps):
+  runs            config, config hash, code version, chain head (count + last hash)
+  tasks           each distinct task once, by its hash
+  trajectories    one row per episode (append-only): provenance, outcome, hashes
+  steps           one row per turn: action, observation, reward, info, error
+  token_traces    one row per sampled turn: int32/float32 blobs; a turn stores only
+                  the prompt tokens that are new since the previous turn
+  consumption     which training step consumed each trajectory (exactly once)
+  checkpoints     policy versions: weights hash, parent, training step, path
+  scores, safety_verdicts   judgements attached to trajectories
+
+Ingest is idempotent (an id already stored is skipped) and transactional; each
+trajectory gets a sha256 content hash and the previous hash of its run (a per-run
+chain) that `safactory.data.integrity.verify` walks.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Float,
-    ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -32,14 +40,15 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from safactory.types import SCHEMA_VERSION, TokenTrace, Trajectory, canonical_json, sha256_hex
+from safactory.types import SCHEMA_VERSION, Step, Task, TokenTrace, Trajectory, canonical_json, sha256_hex
 
 metadata = MetaData()
 
@@ -48,10 +57,23 @@ meta_table = Table("safactory_meta", metadata, Column("key", String(64), primary
 runs = Table(
     "runs",
     metadata,
-    Column("id", String(64), primary_key=True),
+    Column("id", String(128), primary_key=True),
     Column("created_at", Float, nullable=False),
     Column("config", Text, nullable=False),
     Column("config_hash", String(64), nullable=False),
+    Column("code_version", String(64), nullable=False),
+    Column("n_trajectories", Integer, nullable=False),
+    Column("head_hash", String(64), nullable=False),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("task_id", String(256), nullable=False),
+    Column("env_id", String(256), nullable=False),
+    Column("split", String(32), nullable=False),
+    Column("body", Text, nullable=False),
 )
 
 trajectories = Table(
@@ -59,30 +81,44 @@ trajectories = Table(
     metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("id", String(36), unique=True, nullable=False),
-    Column("run_id", String(64), index=True, nullable=False),
-    Column("kind", String(32), index=True, nullable=False),
-    Column("group_id", String(36), index=True, nullable=False),
+    Column("run_id", String(128), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("group_id", String(36), nullable=False, index=True),
+    Column("task_hash", String(64), nullable=False, index=True),
     Column("task_id", String(256), nullable=False),
-    Column("task_hash", String(64), nullable=False),
     Column("split", String(32), nullable=False),
-    Column("env_id", String(128), nullable=False),
+    Column("env_id", String(256), nullable=False),
     Column("env_version", String(32), nullable=False),
+    Column("seed", Integer, nullable=False),
     Column("policy_version", Integer, nullable=True),
     Column("n_steps", Integer, nullable=False),
     Column("reward", Float, nullable=False),
     Column("success", Boolean, nullable=False),
     Column("termination", String(64), nullable=False),
+    Column("error", Text, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("content_hash", String(64), nullable=False),
     Column("prev_hash", String(64), nullable=False),
-    Column("consumed_step", Integer, nullable=True, index=True),
-    Column("body", Text, nullable=False),
+    Column("meta", Text, nullable=False),
+    Index("ix_traj_run_kind", "run_id", "kind", "seq"),
+)
+
+steps = Table(
+    "steps",
+    metadata,
+    Column("trajectory_id", String(36), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("action", Text, nullable=False),
+    Column("observation", Text, nullable=False),
+    Column("reward", Float, nullable=True),
+    Column("info", Text, nullable=False),
+    Column("error", Text, nullable=True),
 )
 
 token_traces = Table(
     "token_traces",
     metadata,
-    Column("trajectory_id", String(36), ForeignKey("trajectories.id"), primary_key=True),
+    Column("trajectory_id", String(36), primary_key=True),
     Column("turn", Integer, primary_key=True),
     Column("policy_version", Integer, nullable=False),
     Column("temperature", Float, nullable=False),
@@ -93,6 +129,56 @@ token_traces = Table(
     Column("completion_ids", LargeBinary, nullable=False),
     Column("logprobs", LargeBinary, nullable=True),
 )
+
+consumption = Table(
+    "consumption",
+    metadata,
+    Column("trajectory_id", String(36), primary_key=True),
+    Column("run_id", String(128), nullable=False, index=True),
+    Column("train_step", Integer, nullable=False, index=True),
+    Column("consumed_at", Float, nullable=False),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("parent_version", Integer, nullable=True),
+    Column("train_step", Integer, nullable=False),
+    Column("weights_hash", String(64), nullable=False),
+    Column("path", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("meta", Text, nullable=False),
+)
+
+scores = Table(
+    "scores",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("trajectory_id", String(36), nullable=False, index=True),
+    Column("judge", String(128), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("meta", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+safety_verdicts = Table(
+    "safety_verdicts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("trajectory_id", String(36), nullable=False, index=True),
+    Column("judge", String(128), nullable=False),
+    Column("judge_version", String(64), nullable=False),
+    Column("unsafe", Boolean, nullable=False),
+    Column("severity", Float, nullable=False),
+    Column("reasons", Text, nullable=False),
+    Column("meta", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+_META_FIELDS = ("schema_version", "prompt", "tools", "tags", "provenance", "started_at", "duration_s")
 
 
 def _ids_blob(ids: list[int]) -> bytes:
@@ -107,14 +193,16 @@ def _shared_prefix(previous: list[int], prompt: list[int]) -> int:
     n = min(len(previous), len(prompt))
     if n == 0:
         return 0
-    a = np.asarray(previous[:n])
-    b = np.asarray(prompt[:n])
-    diff = np.nonzero(a != b)[0]
+    diff = np.nonzero(np.asarray(previous[:n]) != np.asarray(prompt[:n]))[0]
     return int(diff[0]) if len(diff) else n
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 class TrajectoryStore:
-    """Durable, append-only trajectory storage."""
+    """Durable, append-only trajectory storage on any SQLAlchemy URL."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -145,79 +233,128 @@ class TrajectoryStore:
         self.engine.dispose()
 
     # ---- runs -------------------------------------------------------------------------
-    def create_run(self, run_id: str, config: dict[str, Any]) -> None:
+    def create_run(self, run_id: str, config: dict[str, Any], code_version: str = "") -> None:
         text = canonical_json(config)
         with self.engine.begin() as conn:
-            exists = conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first()
-            if exists is None:
+            if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
                 conn.execute(
-                    runs.insert().values(id=run_id, created_at=time.time(), config=text, config_hash=sha256_hex(text))
+                    runs.insert().values(
+                        id=run_id,
+                        created_at=time.time(),
+                        config=text,
+                        config_hash=sha256_hex(text),
+                        code_version=code_version,
+                        n_trajectories=0,
+                        head_hash="",
+                    )
                 )
+
+    def run_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(runs.c.id).order_by(runs.c.created_at)).scalars())
+
+    def run_info(self, run_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+        if row is None:
+            raise KeyError(f"no run {run_id!r} in {self.url}")
+        return dict(row)
 
     # ---- ingest -----------------------------------------------------------------------
     def add(self, items: Iterable[Trajectory]) -> int:
-        """Store trajectories (hash, chain, traces) in one transaction; returns how many were new."""
+        """Store trajectories in one transaction; returns how many were new. Once this
+        returns, they are durable (acknowledged). Ids already stored are skipped."""
         batch = list(items)
         if not batch:
             return 0
         with self.engine.begin() as conn:
-            ids = [t.id for t in batch]
-            known = set(conn.execute(select(trajectories.c.id).where(trajectories.c.id.in_(ids))).scalars())
-            last_hash: dict[str, str] = {}
-            traj_rows: list[dict[str, Any]] = []
-            trace_rows: list[dict[str, Any]] = []
+            known = set(
+                conn.execute(select(trajectories.c.id).where(trajectories.c.id.in_([t.id for t in batch]))).scalars()
+            )
+            fresh: list[Trajectory] = []
             for traj in batch:
-                if traj.id in known:
-                    continue
-                known.add(traj.id)
-                if traj.run_id not in last_hash:
-                    last_hash[traj.run_id] = self._last_hash(conn, traj.run_id)
+                if traj.id not in known:
+                    known.add(traj.id)
+                    fresh.append(traj)
+            if not fresh:
+                return 0
+            self._insert_tasks(conn, [t.task for t in fresh])
+            heads = self._heads(conn, {t.run_id for t in fresh})
+            traj_rows, step_rows, trace_rows = [], [], []
+            for traj in fresh:
+                if traj.run_id not in heads:
+                    raise KeyError(f"run {traj.run_id!r} does not exist; call create_run first")
+                traj.task_hash = traj.task.hash()
                 traj.content_hash = traj.compute_hash()
-                traj.prev_hash = last_hash[traj.run_id]
-                last_hash[traj.run_id] = traj.content_hash
-                traj_rows.append(self._row(traj))
+                count, last = heads[traj.run_id]
+                traj.prev_hash = last
+                heads[traj.run_id] = (count + 1, traj.content_hash)
+                traj_rows.append(self._traj_row(traj))
+                step_rows += [self._step_row(traj.id, s) for s in traj.steps]
                 trace_rows += self._trace_rows(traj)
-            if traj_rows:
-                conn.execute(trajectories.insert(), traj_rows)
+            conn.execute(trajectories.insert(), traj_rows)
+            if step_rows:
+                conn.execute(steps.insert(), step_rows)
             if trace_rows:
                 conn.execute(token_traces.insert(), trace_rows)
-        return len(traj_rows)
+            for run_id, (count, last) in heads.items():
+                conn.execute(update(runs).where(runs.c.id == run_id).values(n_trajectories=count, head_hash=last))
+        return len(fresh)
 
     @staticmethod
-    def _last_hash(conn: Any, run_id: str) -> str:
-        row = conn.execute(
-            select(trajectories.c.content_hash)
-            .where(trajectories.c.run_id == run_id)
-            .order_by(trajectories.c.seq.desc())
-            .limit(1)
-        ).first()
-        return row[0] if row else ""
+    def _insert_tasks(conn: Connection, items: list[Task]) -> None:
+        by_hash = {t.hash(): t for t in items}
+        known = set(conn.execute(select(tasks.c.hash).where(tasks.c.hash.in_(list(by_hash)))).scalars())
+        rows = [
+            {"hash": h, "task_id": t.id, "env_id": t.env_id, "split": t.split, "body": canonical_json(t.model_dump())}
+            for h, t in by_hash.items()
+            if h not in known
+        ]
+        if rows:
+            conn.execute(tasks.insert(), rows)
 
     @staticmethod
-    def _row(traj: Trajectory) -> dict[str, Any]:
-        body = traj.model_dump(mode="json", exclude={"content_hash", "prev_hash"})
-        for step in body["steps"]:
-            step["trace"] = None
+    def _heads(conn: Connection, run_ids: set[str]) -> dict[str, tuple[int, str]]:
+        rows = conn.execute(select(runs.c.id, runs.c.n_trajectories, runs.c.head_hash).where(runs.c.id.in_(run_ids)))
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    @staticmethod
+    def _traj_row(traj: Trajectory) -> dict[str, Any]:
         versions = traj.policy_versions()
+        meta = traj.model_dump(mode="json", include=set(_META_FIELDS))
         return {
             "id": traj.id,
             "run_id": traj.run_id,
             "kind": traj.kind,
             "group_id": traj.group_id,
+            "task_hash": traj.task.hash(),
             "task_id": traj.task.id,
-            "task_hash": traj.task_hash,
             "split": traj.task.split,
             "env_id": traj.env_id,
             "env_version": traj.env_version,
+            "seed": traj.seed,
             "policy_version": max(versions) if versions else None,
             "n_steps": len(traj.steps),
             "reward": traj.reward,
             "success": traj.success,
             "termination": traj.termination,
+            "error": traj.error,
             "created_at": time.time(),
             "content_hash": traj.content_hash,
             "prev_hash": traj.prev_hash,
-            "body": json.dumps(body, separators=(",", ":")),
+            "meta": _dumps(meta),
+        }
+
+    @staticmethod
+    def _step_row(traj_id: str, step: Step) -> dict[str, Any]:
+        return {
+            "trajectory_id": traj_id,
+            "idx": step.index,
+            "action": _dumps(step.action.model_dump(mode="json")),
+            "observation": _dumps([m.model_dump(mode="json") for m in step.observation]),
+            "reward": step.reward,
+            "info": _dumps(step.info),
+            "error": step.error,
         }
 
     @staticmethod
@@ -249,79 +386,284 @@ class TrajectoryStore:
     # ---- read -------------------------------------------------------------------------
     def get(self, ids: list[str]) -> list[Trajectory]:
         """Trajectories by id, in the order asked; raises KeyError for an unknown id."""
-        found = {t.id: t for t in self._load(trajectories.c.id.in_(ids))} if ids else {}
+        found: dict[str, Trajectory] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found.update((t.id, t) for _, t in self._load(trajectories.c.id.in_(chunk)))
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"trajectories not in store: {missing[:5]}")
         return [found[i] for i in ids]
 
     def query(
-        self, *, run_id: str | None = None, kind: str | None = None, unconsumed: bool = False, limit: int | None = None
+        self,
+        *,
+        run_id: str | None = None,
+        kind: str | None = None,
+        split: str | None = None,
+        unconsumed: bool = False,
+        limit: int | None = None,
     ) -> list[Trajectory]:
         """Trajectories in insertion order, filtered."""
-        conds = []
+        return list(self.iter(run_id=run_id, kind=kind, split=split, unconsumed=unconsumed, limit=limit))
+
+    def iter(
+        self,
+        *,
+        run_id: str | None = None,
+        kind: str | None = None,
+        split: str | None = None,
+        unconsumed: bool = False,
+        limit: int | None = None,
+        chunk: int = 500,
+    ) -> Iterator[Trajectory]:
+        """Like `query`, streaming in chunks of `chunk` trajectories (constant memory)."""
+        conds = self._conds(run_id=run_id, kind=kind, split=split, unconsumed=unconsumed)
+        after = 0
+        left = limit
+        while left is None or left > 0:
+            n = chunk if left is None else min(chunk, left)
+            page = self._load(*conds, trajectories.c.seq > after, limit=n)
+            if not page:
+                return
+            yield from (t for _, t in page)
+            after = page[-1][0]
+            if left is not None:
+                left -= len(page)
+            if len(page) < n:
+                return
+
+    def count(self, *, run_id: str | None = None, kind: str | None = None, split: str | None = None) -> int:
+        stmt = select(func.count()).select_from(trajectories).where(*self._conds(run_id=run_id, kind=kind, split=split))
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    @staticmethod
+    def _conds(
+        *, run_id: str | None = None, kind: str | None = None, split: str | None = None, unconsumed: bool = False
+    ) -> list[Any]:
+        conds: list[Any] = []
         if run_id is not None:
             conds.append(trajectories.c.run_id == run_id)
         if kind is not None:
             conds.append(trajectories.c.kind == kind)
+        if split is not None:
+            conds.append(trajectories.c.split == split)
         if unconsumed:
-            conds.append(trajectories.c.consumed_step.is_(None))
-        return self._load(*conds, limit=limit)
+            conds.append(~trajectories.c.id.in_(select(consumption.c.trajectory_id)))
+        return conds
 
-    def count(self, *, run_id: str | None = None, kind: str | None = None) -> int:
-        stmt = select(func.count()).select_from(trajectories)
-        if run_id is not None:
-            stmt = stmt.where(trajectories.c.run_id == run_id)
-        if kind is not None:
-            stmt = stmt.where(trajectories.c.kind == kind)
-        with self.engine.connect() as conn:
-            return int(conn.execute(stmt).scalar_one())
-
-    def _load(self, *conds: Any, limit: int | None = None) -> list[Trajectory]:
-        stmt = select(trajectories.c.body, trajectories.c.id, trajectories.c.content_hash, trajectories.c.prev_hash)
+    def _load(self, *conds: Any, limit: int | None = None) -> list[tuple[int, Trajectory]]:
+        """(seq, trajectory) pairs in insertion order."""
+        stmt = select(trajectories, tasks.c.body.label("task_body")).join(
+            tasks, tasks.c.hash == trajectories.c.task_hash
+        )
         stmt = stmt.where(*conds).order_by(trajectories.c.seq)
         if limit is not None:
             stmt = stmt.limit(limit)
         with self.engine.connect() as conn:
-            rows = conn.execute(stmt).all()
-            out = []
-            for body, _id, content_hash, prev_hash in rows:
-                traj = Trajectory.model_validate_json(body)
-                traj.content_hash, traj.prev_hash = content_hash, prev_hash
-                out.append(traj)
-            by_id = {t.id: t for t in out}
-            for chunk_start in range(0, len(out), 500):
-                chunk = [t.id for t in out[chunk_start : chunk_start + 500]]
-                trace_stmt = select(token_traces).where(token_traces.c.trajectory_id.in_(chunk))
-                trace_stmt = trace_stmt.order_by(token_traces.c.trajectory_id, token_traces.c.turn)
-                previous: dict[str, list[int]] = {}
-                for r in conn.execute(trace_stmt).mappings():
-                    prev = previous.get(r["trajectory_id"], [])
-                    prompt = prev[: r["prefix_len"]] + _blob_ids(r["prompt_suffix"])
-                    completion = _blob_ids(r["completion_ids"])
-                    logprobs = None if r["logprobs"] is None else np.frombuffer(r["logprobs"], dtype="<f4").tolist()
-                    previous[r["trajectory_id"]] = prompt + completion
-                    by_id[r["trajectory_id"]].steps[r["turn"]].trace = TokenTrace(
-                        prompt_ids=prompt,
-                        completion_ids=completion,
-                        logprobs=logprobs,
-                        policy_version=r["policy_version"],
-                        temperature=r["temperature"],
-                        top_p=r["top_p"],
-                        finish_reason=r["finish_reason"],
-                    )
+            rows = conn.execute(stmt).mappings().all()
+            out: list[tuple[int, Trajectory]] = []
+            for r in rows:
+                meta = json.loads(r["meta"])
+                traj = Trajectory.model_validate(
+                    {
+                        **meta,
+                        "id": r["id"],
+                        "run_id": r["run_id"],
+                        "group_id": r["group_id"],
+                        "kind": r["kind"],
+                        "task": json.loads(r["task_body"]),
+                        "task_hash": r["task_hash"],
+                        "env_id": r["env_id"],
+                        "env_version": r["env_version"],
+                        "seed": r["seed"],
+                        "reward": r["reward"],
+                        "success": r["success"],
+                        "termination": r["termination"],
+                        "error": r["error"],
+                        "content_hash": r["content_hash"],
+                        "prev_hash": r["prev_hash"],
+                    }
+                )
+                out.append((r["seq"], traj))
+            by_id = {t.id: t for _, t in out}
+            if by_id:
+                self._attach_steps(conn, by_id)
         return out
 
-    # ---- consumption ------------------------------------------------------------------
-    def mark_consumed(self, ids: list[str], step: int) -> None:
-        """Record that training step `step` used these trajectories."""
+    @staticmethod
+    def _attach_steps(conn: Connection, by_id: dict[str, Trajectory]) -> None:
+        ids = list(by_id)
+        step_rows = conn.execute(
+            select(steps).where(steps.c.trajectory_id.in_(ids)).order_by(steps.c.trajectory_id, steps.c.idx)
+        ).mappings()
+        for r in step_rows:
+            by_id[r["trajectory_id"]].steps.append(
+                Step(
+                    index=r["idx"],
+                    action=json.loads(r["action"]),
+                    observation=json.loads(r["observation"]),
+                    reward=r["reward"],
+                    info=json.loads(r["info"]),
+                    error=r["error"],
+                )
+            )
+        trace_rows = conn.execute(
+            select(token_traces)
+            .where(token_traces.c.trajectory_id.in_(ids))
+            .order_by(token_traces.c.trajectory_id, token_traces.c.turn)
+        ).mappings()
+        previous: dict[str, list[int]] = {}
+        for r in trace_rows:
+            tid = r["trajectory_id"]
+            prev = previous.get(tid, [])
+            prompt = prev[: r["prefix_len"]] + _blob_ids(r["prompt_suffix"])
+            completion = _blob_ids(r["completion_ids"])
+            previous[tid] = prompt + completion
+            step_list = by_id[tid].steps
+            if not 0 <= r["turn"] < len(step_list) or step_list[r["turn"]].index != r["turn"]:
+                continue  # a trace without its step; integrity verification reports the mismatch
+            step_list[r["turn"]].trace = TokenTrace(
+                prompt_ids=prompt,
+                completion_ids=completion,
+                logprobs=None if r["logprobs"] is None else np.frombuffer(r["logprobs"], dtype="<f4").tolist(),
+                policy_version=r["policy_version"],
+                temperature=r["temperature"],
+                top_p=r["top_p"],
+                finish_reason=r["finish_reason"],
+            )
+
+    # ---- consumption and lineage -------------------------------------------------------
+    def mark_consumed(self, ids: list[str], step: int, run_id: str = "") -> None:
+        """Record that training step `step` used these trajectories; a second consumption raises."""
+        now = time.time()
         with self.engine.begin() as conn:
-            conn.execute(update(trajectories).where(trajectories.c.id.in_(ids)).values(consumed_step=step))
+            taken = list(
+                conn.execute(select(consumption.c.trajectory_id).where(consumption.c.trajectory_id.in_(ids))).scalars()
+            )
+            if taken:
+                raise ValueError(f"{len(taken)} trajectories were already consumed, e.g. {taken[0]}")
+            rows = [{"trajectory_id": i, "run_id": run_id, "train_step": step, "consumed_at": now} for i in ids]
+            if rows:
+                conn.execute(consumption.insert(), rows)
+
+    def consumed_step(self, trajectory_id: str) -> int | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(consumption.c.train_step).where(consumption.c.trajectory_id == trajectory_id)
+            ).first()
+        return None if row is None else int(row[0])
+
+    def release_consumed_after(self, run_id: str, step: int) -> int:
+        """Forget consumption by training steps after `step` (their update was lost in a crash),
+        so a trainer resumed from the checkpoint of `step` gets that data again."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                delete(consumption).where(consumption.c.run_id == run_id, consumption.c.train_step > step)
+            )
+        return int(result.rowcount or 0)
+
+    def add_checkpoint(
+        self,
+        run_id: str,
+        version: int,
+        *,
+        weights_hash: str,
+        train_step: int,
+        parent_version: int | None = None,
+        path: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                select(checkpoints.c.version).where(checkpoints.c.run_id == run_id, checkpoints.c.version == version)
+            ).first()
+            if exists is None:
+                conn.execute(
+                    checkpoints.insert().values(
+                        run_id=run_id,
+                        version=version,
+                        parent_version=parent_version,
+                        train_step=train_step,
+                        weights_hash=weights_hash,
+                        path=path,
+                        created_at=time.time(),
+                        meta=_dumps(meta or {}),
+                    )
+                )
+
+    def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(checkpoints).where(checkpoints.c.run_id == run_id).order_by(checkpoints.c.version)
+            ).mappings()
+            return [{**r, "meta": json.loads(r["meta"])} for r in rows]
+
+    def lineage(self, run_id: str, version: int) -> list[str]:
+        """Ids of the trajectories whose training steps led to checkpoint `version`."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(checkpoints.c.train_step).where(checkpoints.c.run_id == run_id, checkpoints.c.version == version)
+            ).first()
+            if row is None:
+                raise KeyError(f"no checkpoint v{version} in run {run_id!r}")
+            stmt = select(consumption.c.trajectory_id).where(
+                consumption.c.run_id == run_id, consumption.c.train_step <= row[0]
+            )
+            return list(conn.execute(stmt).scalars())
+
+    # ---- judgements ---------------------------------------------------------------------
+    def add_score(
+        self, trajectory_id: str, judge: str, name: str, value: float, meta: dict[str, Any] | None = None
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                scores.insert().values(
+                    trajectory_id=trajectory_id,
+                    judge=judge,
+                    name=name,
+                    value=value,
+                    meta=_dumps(meta or {}),
+                    created_at=time.time(),
+                )
+            )
+
+    def add_verdict(
+        self,
+        trajectory_id: str,
+        *,
+        judge: str,
+        judge_version: str,
+        unsafe: bool,
+        severity: float = 0.0,
+        reasons: list[str] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                safety_verdicts.insert().values(
+                    trajectory_id=trajectory_id,
+                    judge=judge,
+                    judge_version=judge_version,
+                    unsafe=unsafe,
+                    severity=severity,
+                    reasons=_dumps(reasons or []),
+                    meta=_dumps(meta or {}),
+                    created_at=time.time(),
+                )
+            )
+
+    def verdicts(self, trajectory_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(safety_verdicts).where(safety_verdicts.c.trajectory_id == trajectory_id)
+            ).mappings()
+            return [{**r, "reasons": json.loads(r["reasons"]), "meta": json.loads(r["meta"])} for r in rows]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=FULL")  # an acknowledged trajectory survives power loss too
     cur.close()

@@ -42,6 +42,7 @@ async def run_episode(
     group_id: str = "",
     kind: str = "rollout",
     tags: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Trajectory:
     """Run one episode and return its trajectory (never raises for episode-level failures)."""
     started = time.time()
@@ -57,12 +58,14 @@ async def run_episode(
         seed=seed,
         started_at=started,
         tags=dict(tags or {}),
+        provenance=dict(provenance or {}),
     )
     try:
         async with asyncio.timeout(limits.timeout_s):
             traj.termination = await _loop(env, policy, task, seed, sampling, limits, traj)
     except TimeoutError:
         traj.termination = "timeout"
+        traj.error = f"episode exceeded {limits.timeout_s} s"
     finally:
         try:
             await asyncio.wait_for(env.close(), limits.env_timeout_s)
@@ -85,7 +88,7 @@ async def _loop(
     try:
         obs = await asyncio.wait_for(env.reset(task, seed), limits.env_timeout_s)
     except Exception as exc:
-        traj.tags["error"] = f"reset failed: {exc!r}"
+        traj.error = f"reset failed: {exc!r}"
         return "env_error"
     traj.prompt = list(obs.messages)
     traj.tools = list(obs.tools)
@@ -99,7 +102,7 @@ async def _loop(
         try:
             completion = await policy.generate(messages, obs.tools, sampling.model_copy(update={"max_tokens": budget}))
         except Exception as exc:
-            traj.tags["error"] = f"policy failed: {exc!r}"
+            traj.error = f"policy failed: {exc!r}"
             return "policy_error"
         action = Message(role="assistant", content=completion.text, tool_calls=completion.tool_calls)
         trace = None
@@ -120,10 +123,10 @@ async def _loop(
         try:
             result = await asyncio.wait_for(env.step(action), limits.env_timeout_s)
         except TimeoutError:
-            step.error = "env step timed out"
+            step.error = traj.error = "env step timed out"
             return "env_timeout"
         except Exception as exc:
-            step.error = f"env step failed: {exc!r}"
+            step.error = traj.error = f"env step failed: {exc!r}"
             return "env_error"
         step.observation = list(result.messages)
         step.reward = result.reward

@@ -71,12 +71,14 @@ class RolloutRunner:
         concurrency: int = 256,
         run_id: str = "",
         seed: int = 0,
+        provenance: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.env_factory = env_factory
         self.policy = policy
         self.limits = limits
         self.run_id = run_id
         self.seed = seed
+        self.provenance = provenance
         self._slots = asyncio.Semaphore(concurrency)
         self.episodes_done = 0
 
@@ -95,6 +97,7 @@ class RolloutRunner:
                 group_id=group_id,
                 kind=kind,
                 tags=tags,
+                provenance=self.provenance() if self.provenance else None,
             )
         self.episodes_done += 1
         return traj

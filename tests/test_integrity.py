@@ -1,0 +1,98 @@
+"""`verify` catches edited, deleted and swapped rows, and names the first bad trajectory."""
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from safactory.cli import app
+from safactory.data.integrity import verify, weights_hash
+from safactory.data.store import TrajectoryStore
+from safactory.policy.base import SamplingParams
+from safactory.sim.agent import EpisodeLimits
+from safactory.sim.envs.arith import ArithEnv
+from safactory.sim.runner import RolloutRunner
+
+
+@pytest.fixture
+def filled(tmp_path, policy, arith_tasks):
+    store = TrajectoryStore.in_dir(tmp_path)
+    store.create_run("r1", {})
+    runner = RolloutRunner(ArithEnv, policy, limits=EpisodeLimits(max_tokens_per_turn=10), run_id="r1")
+    groups = asyncio.run(runner.run_groups(arith_tasks.tasks("train", 3), 2, SamplingParams(temperature=1.0)))
+    trajs = [t for g in groups for t in g]
+    store.add(trajs[:3])
+    store.add(trajs[3:])
+    yield store, trajs, f"sqlite:///{tmp_path / 'store.db'}"
+    store.close()
+
+
+def run_sql(store, sql, **params):
+    with store.engine.begin() as conn:
+        conn.execute(text(sql), params)
+
+
+def cli_verify(url):
+    return CliRunner().invoke(app, ["data", "verify", "--db", url])
+
+
+def test_clean_store_verifies(filled):
+    store, trajs, url = filled
+    report = verify(store)
+    assert report.ok and report.checked == len(trajs)
+    result = cli_verify(url)
+    assert result.exit_code == 0, result.output
+
+
+def test_edited_row_is_named(filled):
+    store, trajs, url = filled
+    run_sql(store, "UPDATE trajectories SET reward = reward + 1 WHERE id = :i", i=trajs[2].id)
+    report = verify(store)
+    assert not report.ok and trajs[2].id in report.problems[0] and "modified" in report.problems[0]
+    result = cli_verify(url)
+    assert result.exit_code == 1 and trajs[2].id in result.output
+
+
+def test_edited_tokens_and_steps_are_caught(filled):
+    store, trajs, _ = filled
+    run_sql(
+        store,
+        "UPDATE token_traces SET completion_ids = :b WHERE trajectory_id = :i",
+        b=b"\x05\x00\x00\x00",
+        i=trajs[1].id,
+    )
+    assert trajs[1].id in verify(store).problems[0]
+
+
+def test_deleted_row_is_named(filled):
+    store, trajs, url = filled
+    run_sql(store, "DELETE FROM trajectories WHERE id = :i", i=trajs[3].id)
+    problem = verify(store).problems[0]
+    assert trajs[4].id in problem and "deleted or moved" in problem
+
+
+def test_deleted_tail_is_caught(filled):
+    store, trajs, _ = filled
+    run_sql(store, "DELETE FROM trajectories WHERE id = :i", i=trajs[-1].id)
+    assert "at its end" in verify(store).problems[0]
+
+
+def test_swapped_rows_are_caught(filled):
+    store, trajs, _ = filled
+    seq = {r[0]: r[1] for r in store.engine.connect().execute(text("SELECT id, seq FROM trajectories"))}
+    a, b = trajs[1].id, trajs[2].id
+    run_sql(store, "UPDATE trajectories SET seq = -1 WHERE id = :a", a=a)
+    run_sql(store, "UPDATE trajectories SET seq = :s WHERE id = :b", s=seq[a], b=b)
+    run_sql(store, "UPDATE trajectories SET seq = :s WHERE id = :a", s=seq[b], a=a)
+    problem = verify(store).problems[0]
+    assert b in problem and "does not follow" in problem  # b now comes first, out of order
+
+
+def test_weights_hash_sees_every_parameter(tiny):
+    model = tiny[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = weights_hash(state)
+    assert weights_hash(state) == before
+    next(iter(state.values())).view(-1)[0] += 1e-3
+    assert weights_hash(state) != before
