@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import uuid
 
 import pytest
 
@@ -10,6 +11,7 @@ from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import TinyModelSpec, build_tiny
 from safactory.sim.envs.arith import ArithTasks
+from tests.pg_server import PostgresServer, find_bindir
 
 SMALL = TinyModelSpec(hidden_size=64, layers=2, heads=4, intermediate_size=128, max_positions=512)
 
@@ -32,3 +34,24 @@ def policy(tiny, chat):
 @pytest.fixture
 def arith_tasks():
     return ArithTasks()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session, or a skip where none is installed."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL binaries on this machine (set SAFACTORY_PG_BINDIR)")
+    server = PostgresServer(bindir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh, empty store URL: SQLite in tmp_path, or a new database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    server = request.getfixturevalue("postgres")
+    return server.create_database(f"t_{uuid.uuid4().hex[:12]}")

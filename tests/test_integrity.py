@@ -16,15 +16,15 @@ from safactory.sim.runner import RolloutRunner
 
 
 @pytest.fixture
-def filled(tmp_path, policy, arith_tasks):
-    store = TrajectoryStore.in_dir(tmp_path)
+def filled(store_url, policy, arith_tasks):
+    store = TrajectoryStore(store_url)
     store.create_run("r1", {})
     runner = RolloutRunner(ArithEnv, policy, limits=EpisodeLimits(max_tokens_per_turn=10), run_id="r1")
     groups = asyncio.run(runner.run_groups(arith_tasks.tasks("train", 3), 2, SamplingParams(temperature=1.0)))
     trajs = [t for g in groups for t in g]
     store.add(trajs[:3])
     store.add(trajs[3:])
-    yield store, trajs, f"sqlite:///{tmp_path / 'store.db'}"
+    yield store, trajs, store_url
     store.close()
 
 

@@ -11,8 +11,8 @@ from safactory.sim.runner import RolloutRunner
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = TrajectoryStore.in_dir(tmp_path)
+def store(store_url):
+    s = TrajectoryStore(store_url)
     s.create_run("run-a", {"note": "test"})
     yield s
     s.close()
@@ -105,10 +105,10 @@ def test_adding_to_an_unknown_run_is_a_clear_error(store, trajs):
     assert store.count() == 0
 
 
-def test_unknown_ids_and_schema_mismatch_are_clear_errors(store, tmp_path):
+def test_unknown_ids_and_schema_mismatch_are_clear_errors(store):
     with pytest.raises(KeyError):
         store.get(["nope"])
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE safactory_meta SET value = '999' WHERE key = 'schema_version'"))
     with pytest.raises(RuntimeError, match="schema"):
-        TrajectoryStore.in_dir(tmp_path)
+        TrajectoryStore(store.url)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -89,7 +90,7 @@ trajectories = Table(
     Column("split", String(32), nullable=False),
     Column("env_id", String(256), nullable=False),
     Column("env_version", String(32), nullable=False),
-    Column("seed", Integer, nullable=False),
+    Column("seed", BigInteger, nullable=False),
     Column("policy_version", Integer, nullable=True),
     Column("n_steps", Integer, nullable=False),
     Column("reward", Float, nullable=False),
