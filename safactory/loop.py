@@ -33,6 +33,7 @@ from safactory.config import RunConfig, save_config
 from safactory.data.experience import group_batch, sft_sequence
 from safactory.data.integrity import code_version, weights_hash
 from safactory.data.store import TrajectoryStore
+from safactory.data.writer import StoreWriter
 from safactory.evolve.trainer import Trainer
 from safactory.metrics import MetricsLog
 from safactory.policy.base import SamplingParams
@@ -235,8 +236,10 @@ class Factory:
         admission = Admission(cfg.tasks_per_step, cfg.eta, lambda: self.policy.version - base)
         ready: asyncio.Queue[list[str]] = asyncio.Queue()
 
+        writer = StoreWriter(self.store)
+
         async def sink(group: list[Trajectory]) -> None:
-            self.store.add(group)  # durable before the trainer may see it
+            await writer.put(group)  # durable before the trainer may see it
             await ready.put([t.id for t in group])
 
         sampling = SamplingParams(temperature=cfg.temperature)
@@ -293,6 +296,7 @@ class Factory:
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+            await writer.close()
         self.summary["rl"] = {
             "steps": cfg.steps,
             "episodes": self.episodes,
