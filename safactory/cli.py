@@ -69,6 +69,29 @@ def envs() -> None:
         tools = ", ".join(t.name for t in spec.tools)
         table.add_row(spec.id, spec.version, tools, ", ".join(spec.splits), str(spec.max_turns))
     Console().print(table)
+    if registry.schemes:
+        schemes = ", ".join(f"{s}:<...>" for s in sorted(registry.schemes))
+        Console().print(f"adapters (env ids built on demand): {schemes}")
+
+
+@app.command("serve-env")
+def serve_env(
+    env: Annotated[str, typer.Argument(help="Registered environment id, e.g. arith")],
+    host: Annotated[str, typer.Option(help="Bind address; a non-loopback address needs --token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8790,
+    token: Annotated[
+        str | None, typer.Option(help="Bearer token clients must send", envvar="SAFACTORY_ENV_TOKEN")
+    ] = None,
+    max_sessions: Annotated[int, typer.Option(help="Concurrent episodes (sessions) served at most")] = 64,
+) -> None:
+    """Serve an environment over HTTP, one session per episode; clients use env id http://HOST:PORT."""
+    from safactory.sim.remote import UnsafeBindError
+    from safactory.sim.remote import serve_env as run_server
+
+    try:
+        run_server(env, host, port, max_sessions, token)
+    except UnsafeBindError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--host") from exc
 
 
 @data_app.command("verify")

@@ -122,8 +122,8 @@ async def _loop(
         messages.append(action)
         try:
             result = await asyncio.wait_for(env.step(action), limits.env_timeout_s)
-        except TimeoutError:
-            step.error = traj.error = "env step timed out"
+        except TimeoutError as exc:
+            step.error = traj.error = f"env step timed out: {exc!r}"
             return "env_timeout"
         except Exception as exc:
             step.error = traj.error = f"env step failed: {exc!r}"

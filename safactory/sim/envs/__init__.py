@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 
 
 def register_builtins(registry: EnvRegistry) -> None:
+    from safactory.sim import remote
     from safactory.sim.env import EnvEntry
     from safactory.sim.envs import arith
 
@@ -16,3 +17,4 @@ def register_builtins(registry: EnvRegistry) -> None:
         arith.ENV_ID,
         EnvEntry(factory=arith.ArithEnv, tasks=arith.ArithTasks, expert=arith.ArithExpert, spec=arith.SPEC),
     )
+    remote.register(registry)

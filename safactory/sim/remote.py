@@ -1,0 +1,806 @@
+"""Environments over HTTP: serve any registered environment, and a client that is itself an Environment.
+
+Server: `create_env_app(env_id, registry, ...)` builds a FastAPI app around one registered
+environment; `serve_env(...)` runs it with uvicorn (`safactory serve-env`). One session
+is one episode and owns one environment instance:
+
+    POST   /sessions                 -> {session_id, spec, idle_timeout_s}
+    POST   /sessions/{id}/reset      {task, seed}       -> Observation
+    POST   /sessions/{id}/step       {action: Message}  -> StepResult
+    DELETE /sessions/{id}            close the environment
+    GET    /health                   {ok, env_id, env_version, active_sessions, max_sessions}
+    GET    /spec                     the EnvSpec
+    GET    /tasks?split=&n=&options= tasks from the server's task source ({"tasks": [...]})
+
+Sessions are bounded (429 when full), expire after `idle_timeout_s` without a call, and
+every env call is bounded by `env_timeout_s` (504, and the session is dropped). With a
+token every endpoint needs `Authorization: Bearer <token>` (401 otherwise); `serve_env`
+refuses to bind anything but a loopback host without one. A failure inside the
+environment is an HTTP 500 whose JSON body `{"error": ..., "message": ...}` names it.
+
+Client: `HttpEnv(url)` speaks that protocol over `httpx.AsyncClient`. Only session
+creation is retried (bounded, with exponential backoff, on connection errors); a step is
+never retried because it is not idempotent. Every failure is a `RemoteEnvError` with a
+clear message (timeouts are also `TimeoutError`s), so the agent loop records
+`env_error` / `env_timeout` and the run goes on. `register(registry)` adds the `http`
+and `https` schemes, so env ids such as `http://127.0.0.1:8790` resolve to an EnvEntry
+whose tasks come from the server's `/tasks`. The client token comes from
+`register(..., token=)` or the `SAFACTORY_ENV_TOKEN` environment variable.
+
+FastAPI, uvicorn and httpx are imported lazily, so importing this module (and
+registering the schemes) costs nothing until a server or client is actually used.
+Plain HTTP does not protect the token on the wire: outside one machine, put the server
+behind TLS (an `https://` id) or a private network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from safactory.sim.env import EnvEntry, Environment, EnvRegistry, EnvSpec
+from safactory.types import Message, Observation, StepResult, Task
+
+if TYPE_CHECKING:
+    import httpx
+    from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "SAFACTORY_ENV_TOKEN"
+DEFAULT_PORT = 8790
+_SPEC = TypeAdapter(EnvSpec)
+_MAX_MESSAGE = 2000
+_MAX_BACKOFF_S = 5.0
+_CLOSE_TIMEOUT_S = 10.0
+_T = TypeVar("_T")
+_UNKNOWN_SPEC = EnvSpec(id="?", version="?")
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+class RemoteEnvError(RuntimeError):
+    """A remote environment call failed; the message says where and why.
+
+    `status` is the HTTP status of the server's answer, None when there was none.
+    """
+
+    status: int | None = None
+
+
+class RemoteEnvUnavailable(RemoteEnvError):
+    """The env server could not be reached (down, wrong address, connection lost)."""
+
+
+class RemoteEnvAuthError(RemoteEnvError):
+    """The env server rejected the request's bearer token (missing or wrong)."""
+
+
+class SessionLimitError(RemoteEnvError):
+    """The env server already runs as many sessions as it allows."""
+
+
+class RemoteEnvTimeout(RemoteEnvError, TimeoutError):
+    """A remote environment call did not finish in time."""
+
+
+class UnsafeBindError(ValueError):
+    """Refused to serve on a non-loopback address without a token."""
+
+
+# ---- wire format ----------------------------------------------------------------------------------
+
+
+class ResetRequest(BaseModel):
+    task: Task
+    seed: int = 0
+
+
+class StepRequest(BaseModel):
+    action: Message
+
+
+class SessionInfo(BaseModel):
+    """The server's answer to POST /sessions."""
+
+    session_id: str
+    spec: dict[str, Any]
+    idle_timeout_s: float
+
+
+class TaskList(BaseModel):
+    tasks: list[Task] = Field(default_factory=list)
+
+
+def spec_to_json(spec: EnvSpec) -> dict[str, Any]:
+    """An EnvSpec as plain JSON (tools included)."""
+    return _SPEC.dump_python(spec, mode="json")
+
+
+def spec_from_json(data: Any) -> EnvSpec:
+    """The inverse of `spec_to_json`; raises pydantic's ValidationError on a malformed spec."""
+    return _SPEC.validate_python(data)
+
+
+# ---- server ---------------------------------------------------------------------------------------
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and literal loopback addresses (127.0.0.0/8, ::1); hostnames count as not loopback."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Raise UnsafeBindError when `host` is reachable from other machines and no token guards it."""
+    if token is not None and not token.strip():
+        raise ValueError("the env server token must not be empty")
+    if token is None and not is_loopback_host(host):
+        raise UnsafeBindError(
+            f"refusing to serve an environment on non-loopback host {host!r} without a token: anyone who can "
+            "reach it could drive the environment. Pass --token (clients use SAFACTORY_ENV_TOKEN) "
+            "or bind 127.0.0.1."
+        )
+
+
+class _ApiError(Exception):
+    """An error answer: HTTP status, a short code and a message, sent as JSON."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message[:_MAX_MESSAGE]
+
+
+@dataclass
+class _Session:
+    id: str
+    env: Environment
+    last_used: float
+    busy: bool = False
+    closing: bool = False
+
+
+@dataclass
+class _SessionTable:
+    """Live sessions: bounded in number, expired when idle, one call at a time each."""
+
+    factory: Callable[[], Environment]
+    max_sessions: int
+    idle_timeout_s: float
+    clock: Callable[[], float]
+    sessions: dict[str, _Session] = field(default_factory=dict)
+
+    def create(self) -> _Session:
+        if len(self.sessions) >= self.max_sessions:
+            raise _ApiError(
+                429,
+                "session_limit",
+                f"session limit reached: {len(self.sessions)} of {self.max_sessions} sessions in use; close "
+                "finished sessions, run fewer concurrent episodes or start the server with a larger --max-sessions",
+            )
+        try:
+            env = self.factory()
+        except Exception as exc:
+            logger.exception("creating an environment failed")
+            raise _ApiError(500, "env_error", f"creating the environment raised {_describe(exc)}") from exc
+        session = _Session(id=secrets.token_urlsafe(16), env=env, last_used=self.clock())
+        self.sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> _Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.closing:
+            raise _ApiError(
+                404,
+                "unknown_session",
+                f"no session {session_id!r}: it was closed, expired after "
+                f"{self.idle_timeout_s:g}s idle, or never existed",
+            )
+        return session
+
+    @asynccontextmanager
+    async def use(self, session_id: str) -> AsyncIterator[_Session]:
+        """Hold a session for one call; a session closed meanwhile is closed when the call ends."""
+        session = self.get(session_id)
+        if session.busy:
+            raise _ApiError(409, "session_busy", f"session {session_id!r} is already handling a call")
+        session.busy = True
+        try:
+            yield session
+        finally:
+            session.busy = False
+            session.last_used = self.clock()
+            if session.closing:
+                await self.remove(session.id)
+
+    async def remove(self, session_id: str) -> bool:
+        """Close a session now, or as soon as its running call ends. False when it does not exist."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.busy:
+            session.closing = True
+            return True
+        del self.sessions[session_id]
+        await _close_quietly(session.env)
+        return True
+
+    async def expire_idle(self) -> int:
+        now = self.clock()
+        stale = [s.id for s in self.sessions.values() if not s.busy and now - s.last_used > self.idle_timeout_s]
+        for session_id in stale:
+            logger.info("session %s expired after %.0fs idle", session_id, self.idle_timeout_s)
+            await self.remove(session_id)
+        return len(stale)
+
+    async def close_all(self) -> None:
+        for session_id in list(self.sessions):
+            self.sessions[session_id].busy = False
+            await self.remove(session_id)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _close_quietly(env: Environment, timeout_s: float = _CLOSE_TIMEOUT_S) -> None:
+    try:
+        await asyncio.wait_for(env.close(), timeout_s)
+    except Exception:  # a failed close must not take the server or other sessions with it
+        logger.exception("closing an environment failed")
+
+
+async def _bounded(call: Coroutine[Any, Any, _T], what: str, timeout_s: float | None) -> _T:
+    """Await an env call under the server's time limit; an env failure becomes an HTTP 500."""
+    try:
+        async with asyncio.timeout(timeout_s) as scope:
+            return await call
+    except TimeoutError as exc:
+        if scope.expired():
+            raise _ApiError(504, "env_timeout", f"{what} did not finish within {timeout_s:g}s") from exc
+        logger.exception("environment %s failed", what)
+        raise _ApiError(500, "env_error", f"{what} raised {_describe(exc)}") from exc
+    except Exception as exc:
+        logger.exception("environment %s failed", what)
+        raise _ApiError(500, "env_error", f"{what} raised {_describe(exc)}") from exc
+
+
+def _json_response(model_cls: type[BaseModel], value: Any, what: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    try:
+        record = value if isinstance(value, model_cls) else model_cls.model_validate(value)
+        return JSONResponse(record.model_dump(mode="json"))
+    except Exception as exc:  # a result that is not a valid record or not JSON (NaN, numpy values, ...)
+        logger.exception("environment %s returned an unsendable result", what)
+        raise _ApiError(500, "env_error", f"{what} returned a result that cannot be sent: {_describe(exc)}") from exc
+
+
+def _spec_of(entry: EnvEntry) -> tuple[EnvSpec, Environment | None]:
+    """The entry's spec, instantiating one environment (returned, to be closed) when the entry has none."""
+    if entry.spec is not None:
+        return entry.spec, None
+    probe = entry.factory()
+    return probe.spec, probe
+
+
+def create_env_app(
+    env_id: str,
+    registry: EnvRegistry | None = None,
+    *,
+    max_sessions: int = 64,
+    token: str | None = None,
+    idle_timeout_s: float = 600.0,
+    env_timeout_s: float | None = 60.0,
+    max_tasks: int = 100_000,
+    clock: Callable[[], float] = time.monotonic,
+) -> FastAPI:
+    """A FastAPI app serving environment `env_id` from `registry` (default: the default registry)."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.responses import JSONResponse
+
+    if max_sessions < 1:
+        raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
+    if idle_timeout_s <= 0:
+        raise ValueError(f"idle_timeout_s must be positive, not {idle_timeout_s}")
+    if token is not None and not token.strip():
+        raise ValueError("the env server token must not be empty")
+    if registry is None:
+        from safactory.sim.env import default_registry
+
+        registry = default_registry()
+    entry = registry.get(env_id)
+    spec, probe = _spec_of(entry)
+    spec_json = spec_to_json(spec)
+    table = _SessionTable(entry.factory, max_sessions, idle_timeout_s, clock)
+    reap_every_s = min(max(idle_timeout_s / 4, 0.05), 30.0)
+
+    async def reaper() -> None:
+        while True:
+            await asyncio.sleep(reap_every_s)
+            try:
+                await table.expire_idle()
+            except Exception:  # the reaper must outlive any one bad close
+                logger.exception("expiring idle sessions failed")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if probe is not None:
+            await _close_quietly(probe)
+        task = asyncio.create_task(reaper())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            await table.close_all()
+
+    app = FastAPI(title=f"safactory env server: {spec.id}@{spec.version}", lifespan=lifespan)
+
+    @app.exception_handler(_ApiError)
+    async def api_error(request: Request, exc: _ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        if token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                reason = "missing" if not given else "invalid"
+                return JSONResponse(
+                    {"error": "unauthorized", "message": f"{reason} bearer token; this env server requires one"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        await table.expire_idle()
+        return {
+            "ok": True,
+            "env_id": spec.id,
+            "env_version": spec.version,
+            "active_sessions": len(table.sessions),
+            "max_sessions": max_sessions,
+        }
+
+    @app.get("/spec")
+    async def get_spec() -> dict[str, Any]:
+        return spec_json
+
+    @app.get("/tasks")
+    async def get_tasks(
+        split: str = Query("train"), n: int = Query(10, ge=0, le=max_tasks), options: str = Query("{}")
+    ) -> dict[str, Any]:
+        try:
+            kwargs = json.loads(options)
+        except json.JSONDecodeError as exc:
+            raise _ApiError(400, "bad_request", f"options must be a JSON object: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise _ApiError(400, "bad_request", "options must be a JSON object")
+        try:
+            tasks = await asyncio.to_thread(lambda: entry.tasks(**kwargs).tasks(split, n))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _ApiError(400, "bad_request", f"cannot draw {n} {split!r} tasks: {_describe(exc)}") from exc
+        return TaskList(tasks=tasks).model_dump(mode="json")
+
+    @app.post("/sessions")
+    async def create_session() -> dict[str, Any]:
+        await table.expire_idle()
+        session = table.create()
+        return SessionInfo(
+            session_id=session.id, spec=spec_to_json(session.env.spec), idle_timeout_s=idle_timeout_s
+        ).model_dump(mode="json")
+
+    @app.post("/sessions/{session_id}/reset")
+    async def reset(session_id: str, body: ResetRequest) -> Any:
+        try:
+            async with table.use(session_id) as session:
+                obs = await _bounded(session.env.reset(body.task, body.seed), "reset", env_timeout_s)
+                return _json_response(Observation, obs, "reset")
+        except _ApiError as exc:
+            if exc.code == "env_timeout":
+                await table.remove(session_id)
+            raise
+
+    @app.post("/sessions/{session_id}/step")
+    async def step(session_id: str, body: StepRequest) -> Any:
+        try:
+            async with table.use(session_id) as session:
+                result = await _bounded(session.env.step(body.action), "step", env_timeout_s)
+                return _json_response(StepResult, result, "step")
+        except _ApiError as exc:
+            if exc.code == "env_timeout":  # the env's state is unknown after a cancelled call: drop it
+                await table.remove(session_id)
+            raise
+
+    @app.delete("/sessions/{session_id}")
+    async def delete_session(session_id: str) -> dict[str, Any]:
+        if not await table.remove(session_id):
+            raise _ApiError(404, "unknown_session", f"no session {session_id!r}")
+        return {"closed": True}
+
+    return app
+
+
+def serve_env(
+    env_id: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    max_sessions: int = 64,
+    token: str | None = None,
+) -> None:
+    """Serve environment `env_id` over HTTP until interrupted (blocks).
+
+    Raises UnsafeBindError before anything starts when `host` is not a loopback
+    address and no token is given.
+    """
+    check_bind(host, token)
+    import uvicorn
+
+    app = create_env_app(env_id, max_sessions=max_sessions, token=token)
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
+
+
+# ---- client ---------------------------------------------------------------------------------------
+
+
+def normalize_url(url: str) -> str:
+    """`http(s)://host:port[/prefix]` without a trailing slash; ValueError for anything else."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except Exception as exc:
+        raise ValueError(f"not an env server URL: {url!r} ({exc})") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"not an env server URL: {url!r}; expected http://host:port or https://host:port")
+    return str(parsed).rstrip("/")
+
+
+def _backoff(base_s: float, attempt: int) -> float:
+    return min(base_s * 2**attempt, _MAX_BACKOFF_S)
+
+
+def _error(cls: type[RemoteEnvError], message: str, status: int | None = None) -> RemoteEnvError:
+    error = cls(message)
+    error.status = status
+    return error
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:_MAX_MESSAGE] or response.reason_phrase
+    if isinstance(body, dict):
+        if "message" in body:
+            return str(body["message"])[:_MAX_MESSAGE]
+        if "detail" in body:  # FastAPI's request validation errors
+            return json.dumps(body["detail"])[:_MAX_MESSAGE]
+    return json.dumps(body)[:_MAX_MESSAGE]
+
+
+def _answer(response: httpx.Response, what: str, url: str) -> Any:
+    """The JSON body of a successful answer; a RemoteEnvError subclass that says why otherwise."""
+    if response.is_success:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise RemoteEnvError(f"{what}: env server at {url} sent a body that is not JSON") from exc
+    status = response.status_code
+    message = _error_message(response)
+    if status == 401:
+        text = (
+            f"{what}: env server at {url} refused the request (HTTP 401: {message}); "
+            f"give the server's token (token=... or ${TOKEN_ENV})"
+        )
+        raise _error(RemoteEnvAuthError, text, status)
+    if status == 429:
+        raise _error(SessionLimitError, f"{what}: env server at {url} is full (HTTP 429): {message}", status)
+    if status == 504:
+        raise _error(RemoteEnvTimeout, f"{what}: env server at {url} timed out the environment: {message}", status)
+    raise _error(RemoteEnvError, f"{what} failed on env server at {url} (HTTP {status}): {message}", status)
+
+
+def _parse(validate: Callable[[Any], _T], data: Any, what: str, url: str) -> _T:
+    try:
+        return validate(data)
+    except ValidationError as exc:
+        raise RemoteEnvError(f"{what}: env server at {url} sent a malformed answer: {exc}") from exc
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _unreachable(url: str, what: str, attempts: int, exc: Exception) -> RemoteEnvError:
+    reason = str(exc) or type(exc).__name__
+    return _error(
+        RemoteEnvUnavailable,
+        f"{what}: cannot reach env server at {url} after {attempts} attempt(s) ({reason}); "
+        "is `safactory serve-env` running there?",
+    )
+
+
+def _get_json(
+    url: str,
+    path: str,
+    what: str,
+    *,
+    params: dict[str, Any] | None = None,
+    token: str | None = None,
+    timeout_s: float = 60.0,
+    connect_retries: int = 3,
+    backoff_s: float = 0.25,
+) -> Any:
+    """A blocking GET, retried with backoff on connection errors only, at most `connect_retries` times."""
+    import httpx
+
+    attempts = connect_retries + 1
+    with httpx.Client(base_url=url, headers=_headers(token), timeout=timeout_s) as client:
+        for attempt in range(attempts):
+            try:
+                response = client.get(path, params=params)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt + 1 == attempts:
+                    raise _unreachable(url, what, attempts, exc) from exc
+                time.sleep(_backoff(backoff_s, attempt))
+            except httpx.TimeoutException as exc:
+                raise RemoteEnvTimeout(f"{what}: env server at {url} did not answer within {timeout_s:g}s") from exc
+            except httpx.HTTPError as exc:
+                raise RemoteEnvUnavailable(f"{what}: connection to env server at {url} failed ({exc!r})") from exc
+    return _answer(response, what, url)
+
+
+def fetch_spec(
+    url: str, *, token: str | None = None, timeout_s: float = 60.0, connect_retries: int = 3, backoff_s: float = 0.25
+) -> EnvSpec:
+    """The EnvSpec served at `url` (blocking; bounded retries when the server is not up yet)."""
+    url = normalize_url(url)
+    what = "fetching the spec"
+    data = _get_json(
+        url, "/spec", what, token=token, timeout_s=timeout_s, connect_retries=connect_retries, backoff_s=backoff_s
+    )
+    return _parse(spec_from_json, data, what, url)
+
+
+@dataclass
+class HttpTaskSource:
+    """A TaskSource drawing from the server's task source (GET /tasks), built there with `options`."""
+
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+    token: str | None = None
+    timeout_s: float = 60.0
+    connect_retries: int = 3
+    backoff_s: float = 0.25
+
+    def tasks(self, split: str, n: int) -> list[Task]:
+        url = normalize_url(self.url)
+        params: dict[str, Any] = {"split": split, "n": n}
+        if self.options:
+            params["options"] = json.dumps(self.options)
+        data = _get_json(
+            url,
+            "/tasks",
+            "fetching tasks",
+            params=params,
+            token=self.token,
+            timeout_s=self.timeout_s,
+            connect_retries=self.connect_retries,
+            backoff_s=self.backoff_s,
+        )
+        return _parse(TaskList.model_validate, data, "fetching tasks", url).tasks
+
+
+class HttpEnv:
+    """An Environment served by an env server: one instance, one session, one episode.
+
+    `spec` is fetched from the server (blocking) unless given; inside an event loop pass
+    it, or use `await HttpEnv.connect(url)`. The session is created on the first
+    `reset`, with bounded retries on connection errors; `close` deletes it. Steps are
+    never retried. `transport` replaces httpx's network transport (e.g. an in-process
+    `httpx.ASGITransport`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        spec: EnvSpec | None = None,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        connect_retries: int = 3,
+        backoff_s: float = 0.25,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if connect_retries < 0:
+            raise ValueError(f"connect_retries must be >= 0, not {connect_retries}")
+        self.url = normalize_url(url)
+        self.token = token
+        self.timeout_s = timeout_s
+        self.connect_retries = connect_retries
+        self.backoff_s = backoff_s
+        self._transport = transport
+        if spec is None:
+            spec = fetch_spec(
+                self.url, token=token, timeout_s=timeout_s, connect_retries=connect_retries, backoff_s=backoff_s
+            )
+        self.spec: EnvSpec = spec
+        self.session_id: str | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        connect_retries: int = 3,
+        backoff_s: float = 0.25,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> HttpEnv:
+        """Build a client and fetch its spec without blocking the event loop."""
+        env = cls(
+            url,
+            spec=_UNKNOWN_SPEC,
+            token=token,
+            timeout_s=timeout_s,
+            connect_retries=connect_retries,
+            backoff_s=backoff_s,
+            transport=transport,
+        )
+        what = "fetching the spec"
+        env.spec = _parse(spec_from_json, await env._call_with_retries("GET", "/spec", what), what, env.url)
+        return env
+
+    def _http(self) -> httpx.AsyncClient:
+        import httpx
+
+        if self._closed:
+            raise RemoteEnvError(f"this HttpEnv for {self.url} is closed")
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.url, headers=_headers(self.token), timeout=self.timeout_s, transport=self._transport
+            )
+        return self._client
+
+    async def _send(self, method: str, path: str, what: str, body: dict[str, Any] | None, attempts: int) -> Any:
+        """One request; retried (up to `attempts` in all) only when the connection could not be made."""
+        import httpx
+
+        client = self._http()
+        for attempt in range(attempts):
+            try:
+                response = await client.request(method, path, json=body)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt + 1 == attempts:
+                    raise _unreachable(self.url, what, attempts, exc) from exc
+                await asyncio.sleep(_backoff(self.backoff_s, attempt))
+            except httpx.TimeoutException as exc:
+                text = f"{what}: env server at {self.url} did not answer within {self.timeout_s:g}s"
+                raise _error(RemoteEnvTimeout, text) from exc
+            except httpx.HTTPError as exc:
+                text = f"{what}: connection to env server at {self.url} failed ({exc!r})"
+                raise _error(RemoteEnvUnavailable, text) from exc
+        return _answer(response, what, self.url)
+
+    async def _call(self, method: str, path: str, what: str, body: dict[str, Any] | None = None) -> Any:
+        return await self._send(method, path, what, body, attempts=1)
+
+    async def _call_with_retries(self, method: str, path: str, what: str) -> Any:
+        return await self._send(method, path, what, None, attempts=self.connect_retries + 1)
+
+    async def _open_session(self) -> str:
+        what = "creating a session"
+        data = await self._call_with_retries("POST", "/sessions", what)
+        info = _parse(SessionInfo.model_validate, data, what, self.url)
+        self.session_id = info.session_id
+        served = _parse(spec_from_json, info.spec, what, self.url)
+        if (served.id, served.version) != (self.spec.id, self.spec.version):
+            raise RemoteEnvError(
+                f"env server at {self.url} now serves {served.id}@{served.version}, "
+                f"not {self.spec.id}@{self.spec.version} as when this client was set up"
+            )
+        return info.session_id
+
+    async def reset(self, task: Task, seed: int) -> Observation:
+        session_id = self.session_id or await self._open_session()
+        body = ResetRequest(task=task, seed=seed).model_dump(mode="json")
+        data = await self._call("POST", f"/sessions/{session_id}/reset", "reset", body)
+        return _parse(Observation.model_validate, data, "reset", self.url)
+
+    async def step(self, action: Message) -> StepResult:
+        if self.session_id is None:
+            raise RemoteEnvError("step() called before reset()")
+        body = StepRequest(action=action).model_dump(mode="json")
+        data = await self._call("POST", f"/sessions/{self.session_id}/step", "step", body)
+        return _parse(StepResult.model_validate, data, "step", self.url)
+
+    async def close(self) -> None:
+        """Delete the session (one that already expired is fine) and close the connection pool."""
+        if self._closed:
+            return
+        try:
+            if self.session_id is not None:
+                session_id, self.session_id = self.session_id, None
+                try:
+                    await self._call("DELETE", f"/sessions/{session_id}", "closing the session")
+                except RemoteEnvError as exc:
+                    if exc.status != 404:
+                        raise
+        finally:
+            self._closed = True
+            if self._client is not None:
+                await self._client.aclose()
+                self._client = None
+
+
+def register(
+    registry: EnvRegistry,
+    *,
+    token: str | None = None,
+    timeout_s: float = 60.0,
+    connect_retries: int = 3,
+    backoff_s: float = 0.25,
+) -> None:
+    """Resolve env ids `http://host:port` and `https://host:port` to env servers.
+
+    Resolving an id fetches the server's spec (blocking, bounded retries, a clear error
+    when the server is down). The token is `token`, else `$SAFACTORY_ENV_TOKEN` as read
+    when the id is resolved. The entry's task factory takes the server task source's
+    options as keyword arguments.
+    """
+
+    def scheme_factory(scheme: str) -> Callable[[str], EnvEntry]:
+        def resolve(rest: str) -> EnvEntry:
+            url = normalize_url(f"{scheme}:{rest}")
+            key = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+            settings: dict[str, Any] = {
+                "timeout_s": timeout_s,
+                "connect_retries": connect_retries,
+                "backoff_s": backoff_s,
+            }
+            spec = fetch_spec(url, token=key, **settings)
+
+            def make_env() -> HttpEnv:
+                return HttpEnv(url, spec=spec, token=key, **settings)
+
+            def make_tasks(**options: Any) -> HttpTaskSource:
+                return HttpTaskSource(url, options=options, token=key, **settings)
+
+            return EnvEntry(factory=make_env, tasks=make_tasks, expert=None, spec=spec)
+
+        return resolve
+
+    for scheme in ("http", "https"):
+        registry.register_scheme(scheme, scheme_factory(scheme))
