@@ -94,6 +94,26 @@ def serve_env(
         raise typer.BadParameter(str(exc), param_hint="--host") from exc
 
 
+@app.command("serve-policy")
+def serve_policy(
+    model: Annotated[Path, typer.Option("--model", help="A saved model directory (e.g. RUN/model)")],
+    host: Annotated[str, typer.Option(help="Bind address; a non-loopback address needs --token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    token: Annotated[
+        str | None, typer.Option(help="Bearer token clients must send", envvar="SAFACTORY_POLICY_TOKEN")
+    ] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/load_weights)."""
+    from safactory.policy.server import check_bind
+    from safactory.policy.server import serve_policy as run_server
+
+    try:
+        check_bind(host, token)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--host") from exc
+    run_server(str(model), host, port, token)
+
+
 @data_app.command("verify")
 def data_verify(db: DbOption) -> None:
     """Check every run's hash chain; exit 1 naming the first modified, deleted or reordered trajectory."""
@@ -171,6 +191,49 @@ def data_query(
         )
     store.close()
     Console().print(table)
+
+
+@data_app.command("export")
+def data_export(
+    db: DbOption,
+    out: Annotated[Path, typer.Option("--out", help="Output file")],
+    fmt: Annotated[str, typer.Option("--format", help="jsonl | parquet | trl | rl")] = "jsonl",
+    run: Annotated[str | None, typer.Option(help="Only this run id")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind")] = None,
+    success_only: Annotated[bool, typer.Option("--success-only", help="Only successful trajectories")] = False,
+) -> None:
+    """Export trajectories (lossless jsonl/parquet, TRL conversational, token-level RL)."""
+    from rich.progress import Progress
+
+    from safactory.data.export import export
+
+    store = _open_store(db)
+    rows = store.iter(run_id=run, kind=kind)
+    if success_only:
+        rows = (t for t in rows if t.success)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        bar = progress.add_task("exporting", total=store.count(run_id=run, kind=kind))
+        n = export(rows, fmt, out, progress=lambda k: progress.advance(bar, k))
+    store.close()
+    Console().print(f"wrote {n} {fmt} rows to {out}")
+
+
+@data_app.command("import")
+def data_import(
+    db: DbOption,
+    path: Annotated[Path, typer.Argument(help="A jsonl or parquet export")],
+) -> None:
+    """Import a lossless export; every content hash is checked, existing ids are skipped."""
+    from rich.progress import Progress
+
+    from safactory.data.export import import_trajectories
+
+    store = _open_store(db)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        bar = progress.add_task("importing", total=None)
+        n = import_trajectories(store, path, progress=lambda k: progress.advance(bar, k))
+    store.close()
+    Console().print(f"imported {n} new trajectories from {path}")
 
 
 def main() -> None:

@@ -151,6 +151,86 @@ class LocalPolicy:
             self._worker.task.cancel()
         self._worker = None
 
+    # ---- raw token ids (for the OpenAI-compatible server) -------------------------------
+    async def generate_ids(self, prompt_ids: list[int], sampling: SamplingParams) -> Completion:
+        """Continue raw token ids (no chat rendering, no tool parsing); batched with `generate`.
+
+        `max_tokens` 0 returns an empty completion without running the model.
+        """
+        prompt_ids = list(prompt_ids)
+        self._check_ids(prompt_ids, sampling.max_tokens)
+        if sampling.max_tokens <= 0:
+            return Completion(
+                text="",
+                prompt_ids=prompt_ids,
+                token_ids=[],
+                logprobs=[],
+                policy_version=self.version,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                finish_reason="length",
+            )
+        worker = self._ensure_worker()
+        future: asyncio.Future[tuple[list[int], list[float], str, int]] = worker.loop.create_future()
+        self._pending.append(_Request(prompt_ids, sampling, future))
+        worker.wake.set()
+        token_ids, logprobs, finish, version = await future
+        text = self.chat.tokenizer.decode(token_ids)
+        for stop in sampling.stop:
+            if stop and text.endswith(stop):
+                text = text[: -len(stop)]
+        return Completion(
+            text=text,
+            prompt_ids=prompt_ids,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            policy_version=version,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            finish_reason=finish,
+        )
+
+    async def score(self, token_ids: list[int], temperature: float = 1.0) -> list[float | None]:
+        """Log-prob of each token given its prefix (None for the first), in one forward pass.
+
+        This is what an on-policy-distillation teacher needs: the model's own
+        distribution (temperature 1 unless asked otherwise), no sampling.
+        """
+        logprobs, _ = await self.score_with_version(token_ids, temperature)
+        return logprobs
+
+    async def score_with_version(
+        self, token_ids: list[int], temperature: float = 1.0
+    ) -> tuple[list[float | None], int]:
+        """`score` plus the policy version whose weights computed it."""
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise PolicyError("nothing to score: no token ids")
+        self._check_ids(token_ids, 0)
+        return await asyncio.to_thread(self._score_sync, token_ids, temperature)
+
+    def _check_ids(self, token_ids: list[int], max_tokens: int) -> None:
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+        if vocab and any(not 0 <= t < vocab for t in token_ids):
+            raise PolicyError(f"token ids must lie in [0, {vocab}) for this model")
+        if len(token_ids) + max(max_tokens, 0) > self.max_positions:
+            raise PolicyError(
+                f"prompt of {len(token_ids)} tokens + max_tokens {max_tokens} "
+                f"exceeds the model's {self.max_positions} positions"
+            )
+
+    @torch.inference_mode()
+    def _score_sync(self, token_ids: list[int], temperature: float) -> tuple[list[float | None], int]:
+        with self._lock:
+            ids_1T = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+            logits_TV = self.model(input_ids=ids_1T).logits[0, :-1].float()
+            scale = temperature if temperature > 0 else 1.0
+            logp_TV = torch.log_softmax(logits_TV / scale, dim=-1)
+            logp_T = logp_TV.gather(-1, ids_1T[0, 1:, None]).squeeze(-1)
+            out: list[float | None] = [None]
+            out.extend(logp_T.tolist())
+            return out, self.version
+
     # ---- weights -------------------------------------------------------------------
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> int:
         """Swap in new weights between batches; returns the new version (default +1)."""

@@ -11,10 +11,12 @@ if TYPE_CHECKING:
 def register_builtins(registry: EnvRegistry) -> None:
     from safactory.sim import remote
     from safactory.sim.env import EnvEntry
-    from safactory.sim.envs import arith
+    from safactory.sim.envs import arith, maze, ops
 
     registry.register(
         arith.ENV_ID,
         EnvEntry(factory=arith.ArithEnv, tasks=arith.ArithTasks, expert=arith.ArithExpert, spec=arith.SPEC),
     )
     remote.register(registry)
+    maze.register(registry)
+    ops.register(registry)

@@ -1,0 +1,200 @@
+"""Export and import of stored trajectories.
+
+Formats:
+  jsonl    one whole trajectory per line (token traces, hashes, provenance): lossless;
+           `import_jsonl` reads it back and checks every content hash.
+  parquet  the same records as columns (nested JSON kept as strings) via pyarrow;
+           imports back losslessly too.
+  trl      TRL's conversational format, one row per trajectory: `messages` (OpenAI
+           chat format with tool calls) and `tools` (OpenAI function specs), plus
+           reward/success; loads with `datasets.load_dataset("json", ...)`.
+  rl       token-level RL rows: `input_ids`, `loss_mask`, `behaviour_logprobs`,
+           `reward`, `group_id`, exactly as the trainer sees them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from safactory.data.experience import rl_sequences
+from safactory.data.store import TrajectoryStore
+from safactory.types import Message, ToolSpec, Trajectory
+
+FORMATS = ("jsonl", "parquet", "trl", "rl")
+
+
+def openai_message(message: Message) -> dict[str, Any]:
+    """A message in OpenAI chat format (tool call arguments as JSON strings)."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for c in message.tool_calls
+        ]
+    if message.role == "tool":
+        out["tool_call_id"] = message.tool_call_id
+        if message.name:
+            out["name"] = message.name
+    return out
+
+
+def openai_tool(spec: ToolSpec) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {"name": spec.name, "description": spec.description, "parameters": spec.parameters},
+    }
+
+
+def trl_row(traj: Trajectory) -> dict[str, Any]:
+    return {
+        "messages": [openai_message(m) for m in traj.messages()],
+        "tools": [openai_tool(t) for t in traj.tools],
+        "reward": traj.reward,
+        "success": traj.success,
+        "trajectory_id": traj.id,
+        "env_id": traj.env_id,
+        "task_id": traj.task.id,
+    }
+
+
+def rl_rows(traj: Trajectory) -> Iterator[dict[str, Any]]:
+    for seq in rl_sequences(traj):
+        yield {
+            "trajectory_id": traj.id,
+            "group_id": traj.group_id,
+            "input_ids": seq.input_ids,
+            "loss_mask": seq.loss_mask,
+            "behaviour_logprobs": seq.behaviour_logprobs,
+            "temperature": seq.temperature,
+            "policy_version": seq.policy_version,
+            "reward": traj.reward,
+        }
+
+
+_NESTED = ("task", "prompt", "tools", "steps", "tags", "provenance")
+
+
+def _flat(traj: Trajectory) -> dict[str, Any]:
+    row = traj.model_dump(mode="json")
+    for key in _NESTED:
+        row[key] = json.dumps(row[key], separators=(",", ":"))
+    return row
+
+
+def _unflat(row: dict[str, Any]) -> Trajectory:
+    data = dict(row)
+    for key in _NESTED:
+        data[key] = json.loads(data[key])
+    return Trajectory.model_validate(data)
+
+
+def export(
+    trajectories: Iterable[Trajectory], fmt: str, path: Path, progress: Callable[[int], None] | None = None
+) -> int:
+    """Write trajectories to `path` in `fmt`; returns the number of rows written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        return _export_parquet(trajectories, path, progress)
+    rows = 0
+    with path.open("w", encoding="utf-8") as f:
+        for traj in trajectories:
+            if fmt == "jsonl":
+                records: Iterable[dict[str, Any]] = [traj.model_dump(mode="json")]
+            elif fmt == "trl":
+                records = [trl_row(traj)]
+            else:
+                records = rl_rows(traj)
+            for record in records:
+                f.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+                rows += 1
+            if progress is not None:
+                progress(1)
+    return rows
+
+
+def _export_parquet(trajectories: Iterable[Trajectory], path: Path, progress: Callable[[int], None] | None) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise RuntimeError("Parquet export needs pyarrow: pip install 'safactory[export]'") from exc
+    writer = None
+    rows = 0
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal writer
+        table = pa.Table.from_pylist(batch)
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table.cast(writer.schema))
+        batch.clear()
+
+    for traj in trajectories:
+        batch.append(_flat(traj))
+        rows += 1
+        if progress is not None:
+            progress(1)
+        if len(batch) >= 1000:
+            flush()
+    if batch:
+        flush()
+    if writer is not None:
+        writer.close()
+    return rows
+
+
+def read_trajectories(path: Path) -> Iterator[Trajectory]:
+    """Trajectories from a `jsonl` or `parquet` export."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
+            for row in batch.to_pylist():
+                yield _unflat(row)
+        return
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield Trajectory.model_validate_json(line)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{n}: not a trajectory record ({exc})") from exc
+
+
+def import_trajectories(
+    store: TrajectoryStore, path: Path, progress: Callable[[int], None] | None = None, batch_size: int = 500
+) -> int:
+    """Load an export into `store` (creating runs as needed); every content hash must still match.
+
+    Returns how many trajectories were new. Import stops at the first record that fails
+    its hash; batches before it are stored, and re-importing is idempotent.
+    """
+    known_runs = set(store.run_ids())
+    added = 0
+    batch: list[Trajectory] = []
+
+    def flush() -> None:
+        nonlocal added
+        for run_id in {t.run_id for t in batch} - known_runs:
+            store.create_run(run_id, {"imported_from": str(path)})
+            known_runs.add(run_id)
+        added += store.add(batch)
+        if progress is not None:
+            progress(len(batch))
+        batch.clear()
+
+    for traj in read_trajectories(path):
+        if traj.content_hash and traj.compute_hash() != traj.content_hash:
+            raise ValueError(f"trajectory {traj.id} in {path} does not match its content hash; refusing to import it")
+        batch.append(traj)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    return added
