@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 def register_builtins(registry: EnvRegistry) -> None:
     from safactory.sim import remote
     from safactory.sim.env import EnvEntry
-    from safactory.sim.envs import arith, maze, ops
+    from safactory.sim.envs import arith, gym, maze, mcp, ops
 
     registry.register(
         arith.ENV_ID,
@@ -20,3 +20,5 @@ def register_builtins(registry: EnvRegistry) -> None:
     remote.register(registry)
     maze.register(registry)
     ops.register(registry)
+    gym.register(registry)
+    mcp.register(registry)
