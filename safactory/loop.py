@@ -261,7 +261,7 @@ class Factory:
                 if batch.sequences:
                     stats = await asyncio.to_thread(self.trainer.train_step, batch.sequences, "ppo", cfg.clip_eps)
                 trained_version = self.policy.version
-                self.store.mark_consumed([i for ids in id_groups for i in ids], self.trainer.step, self.run_id)
+                self.store.mark_consumed([i for ids in id_groups for i in ids], self.trainer.step, consumer=self.run_id)
                 await self._publish()
                 admission.notify()
                 t2 = time.perf_counter()

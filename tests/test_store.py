@@ -66,24 +66,25 @@ def test_prompts_are_stored_once_not_per_turn(store, trajs):
 
 def test_consumption_is_exactly_once_and_released_after_a_lost_step(store, trajs):
     store.add(trajs)
-    store.mark_consumed([trajs[0].id, trajs[1].id], step=7, run_id="run-a")
-    store.mark_consumed([trajs[2].id], step=8, run_id="run-a")
-    left = store.query(run_id="run-a", unconsumed=True)
+    store.mark_consumed([trajs[0].id, trajs[1].id], step=7, consumer="run-a")
+    store.mark_consumed([trajs[2].id], step=8, consumer="run-a")
+    left = store.query(run_id="run-a", unconsumed_by="run-a")
     assert {t.id for t in left} == {t.id for t in trajs[3:]}
     with pytest.raises(ValueError, match="already consumed"):
-        store.mark_consumed([trajs[1].id, trajs[4].id], step=9, run_id="run-a")
-    assert store.consumed_step(trajs[4].id) is None  # the failed call recorded nothing
+        store.mark_consumed([trajs[1].id, trajs[4].id], step=9, consumer="run-a")
+    assert store.consumed_step(trajs[4].id, "run-a") is None  # the failed call recorded nothing
+    assert len(store.query(unconsumed_by="another-trainer")) == len(trajs)  # consumption is per consumer
     # a trainer that resumes from the checkpoint of step 7 gets step 8's data again
     assert store.release_consumed_after("run-a", 7) == 1
-    assert {t.id for t in store.query(run_id="run-a", unconsumed=True)} == {t.id for t in trajs[2:]}
+    assert {t.id for t in store.query(run_id="run-a", unconsumed_by="run-a")} == {t.id for t in trajs[2:]}
 
 
 def test_checkpoints_and_lineage(store, trajs):
     store.add(trajs)
     store.add_checkpoint("run-a", 0, weights_hash="h0", train_step=0)
-    store.mark_consumed([trajs[0].id], step=1, run_id="run-a")
+    store.mark_consumed([trajs[0].id], step=1, consumer="run-a")
     store.add_checkpoint("run-a", 1, weights_hash="h1", train_step=1, parent_version=0)
-    store.mark_consumed([trajs[1].id], step=2, run_id="run-a")
+    store.mark_consumed([trajs[1].id], step=2, consumer="run-a")
     store.add_checkpoint("run-a", 2, weights_hash="h2", train_step=2, parent_version=1)
     assert [c["version"] for c in store.checkpoints("run-a")] == [0, 1, 2]
     assert store.lineage("run-a", 1) == [trajs[0].id]

@@ -28,6 +28,8 @@ class TrainSequence:
     temperature: float = 1.0
     trajectory_id: str = ""
     policy_version: int = 0
+    proximal_logprobs: list[float] | None = None
+    token_advantages: list[float] | None = None
 
 
 def rl_sequences(traj: Trajectory) -> list[TrainSequence]:

@@ -10,7 +10,8 @@ Layout (storage grows linearly with the number of steps):
   steps           one row per turn: action, observation, reward, info, error
   token_traces    one row per sampled turn: int32/float32 blobs; a turn stores only
                   the prompt tokens that are new since the previous turn
-  consumption     which training step consumed each trajectory (exactly once)
+  consumption     which training step of which consumer (training run) used each
+                  trajectory: exactly once per consumer
   checkpoints     policy versions: weights hash, parent, training step, path
   scores, safety_verdicts   judgements attached to trajectories
 
@@ -134,10 +135,11 @@ token_traces = Table(
 consumption = Table(
     "consumption",
     metadata,
+    Column("consumer", String(128), primary_key=True),
     Column("trajectory_id", String(36), primary_key=True),
-    Column("run_id", String(128), nullable=False, index=True),
-    Column("train_step", Integer, nullable=False, index=True),
+    Column("train_step", Integer, nullable=False),
     Column("consumed_at", Float, nullable=False),
+    Index("ix_consumption_step", "consumer", "train_step"),
 )
 
 checkpoints = Table(
@@ -402,11 +404,11 @@ class TrajectoryStore:
         run_id: str | None = None,
         kind: str | None = None,
         split: str | None = None,
-        unconsumed: bool = False,
+        unconsumed_by: str | None = None,
         limit: int | None = None,
     ) -> list[Trajectory]:
         """Trajectories in insertion order, filtered."""
-        return list(self.iter(run_id=run_id, kind=kind, split=split, unconsumed=unconsumed, limit=limit))
+        return list(self.iter(run_id=run_id, kind=kind, split=split, unconsumed_by=unconsumed_by, limit=limit))
 
     def iter(
         self,
@@ -414,12 +416,12 @@ class TrajectoryStore:
         run_id: str | None = None,
         kind: str | None = None,
         split: str | None = None,
-        unconsumed: bool = False,
+        unconsumed_by: str | None = None,
         limit: int | None = None,
         chunk: int = 500,
     ) -> Iterator[Trajectory]:
         """Like `query`, streaming in chunks of `chunk` trajectories (constant memory)."""
-        conds = self._conds(run_id=run_id, kind=kind, split=split, unconsumed=unconsumed)
+        conds = self._conds(run_id=run_id, kind=kind, split=split, unconsumed_by=unconsumed_by)
         after = 0
         left = limit
         while left is None or left > 0:
@@ -441,7 +443,11 @@ class TrajectoryStore:
 
     @staticmethod
     def _conds(
-        *, run_id: str | None = None, kind: str | None = None, split: str | None = None, unconsumed: bool = False
+        *,
+        run_id: str | None = None,
+        kind: str | None = None,
+        split: str | None = None,
+        unconsumed_by: str | None = None,
     ) -> list[Any]:
         conds: list[Any] = []
         if run_id is not None:
@@ -450,8 +456,9 @@ class TrajectoryStore:
             conds.append(trajectories.c.kind == kind)
         if split is not None:
             conds.append(trajectories.c.split == split)
-        if unconsumed:
-            conds.append(~trajectories.c.id.in_(select(consumption.c.trajectory_id)))
+        if unconsumed_by is not None:
+            used = select(consumption.c.trajectory_id).where(consumption.c.consumer == unconsumed_by)
+            conds.append(~trajectories.c.id.in_(used))
         return conds
 
     def _load(self, *conds: Any, limit: int | None = None) -> list[tuple[int, Trajectory]]:
@@ -536,32 +543,39 @@ class TrajectoryStore:
             )
 
     # ---- consumption and lineage -------------------------------------------------------
-    def mark_consumed(self, ids: list[str], step: int, run_id: str = "") -> None:
-        """Record that training step `step` used these trajectories; a second consumption raises."""
+    def mark_consumed(self, ids: list[str], step: int, consumer: str) -> None:
+        """Record that training step `step` of `consumer` used these trajectories.
+        Consuming a trajectory twice in one consumer raises and records nothing."""
         now = time.time()
         with self.engine.begin() as conn:
             taken = list(
-                conn.execute(select(consumption.c.trajectory_id).where(consumption.c.trajectory_id.in_(ids))).scalars()
+                conn.execute(
+                    select(consumption.c.trajectory_id).where(
+                        consumption.c.consumer == consumer, consumption.c.trajectory_id.in_(ids)
+                    )
+                ).scalars()
             )
             if taken:
-                raise ValueError(f"{len(taken)} trajectories were already consumed, e.g. {taken[0]}")
-            rows = [{"trajectory_id": i, "run_id": run_id, "train_step": step, "consumed_at": now} for i in ids]
+                raise ValueError(f"{len(taken)} trajectories were already consumed by {consumer}, e.g. {taken[0]}")
+            rows = [{"consumer": consumer, "trajectory_id": i, "train_step": step, "consumed_at": now} for i in ids]
             if rows:
                 conn.execute(consumption.insert(), rows)
 
-    def consumed_step(self, trajectory_id: str) -> int | None:
+    def consumed_step(self, trajectory_id: str, consumer: str) -> int | None:
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(consumption.c.train_step).where(consumption.c.trajectory_id == trajectory_id)
+                select(consumption.c.train_step).where(
+                    consumption.c.consumer == consumer, consumption.c.trajectory_id == trajectory_id
+                )
             ).first()
         return None if row is None else int(row[0])
 
-    def release_consumed_after(self, run_id: str, step: int) -> int:
+    def release_consumed_after(self, consumer: str, step: int) -> int:
         """Forget consumption by training steps after `step` (their update was lost in a crash),
         so a trainer resumed from the checkpoint of `step` gets that data again."""
         with self.engine.begin() as conn:
             result = conn.execute(
-                delete(consumption).where(consumption.c.run_id == run_id, consumption.c.train_step > step)
+                delete(consumption).where(consumption.c.consumer == consumer, consumption.c.train_step > step)
             )
         return int(result.rowcount or 0)
 
@@ -610,7 +624,7 @@ class TrajectoryStore:
             if row is None:
                 raise KeyError(f"no checkpoint v{version} in run {run_id!r}")
             stmt = select(consumption.c.trajectory_id).where(
-                consumption.c.run_id == run_id, consumption.c.train_step <= row[0]
+                consumption.c.consumer == run_id, consumption.c.train_step <= row[0]
             )
             return list(conn.execute(stmt).scalars())
 

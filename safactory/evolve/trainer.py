@@ -3,6 +3,15 @@
 One `train_step` is one optimiser step over a list of sequences, split into
 micro-batches with gradients accumulated; every loss is normalised by the token
 count of the whole step, so the micro-batch size does not change the update.
+
+Objectives:
+  sft        negative log-likelihood of the mask tokens;
+  ppo        clipped ratio against the behaviour log-probs stored in the trace (GRPO);
+  decoupled  clipped ratio against the proximal policy (`fill_proximal`, the weights
+             before this batch's updates) times a capped behaviour importance weight;
+  opd        like `decoupled`/`ppo` but with per-token advantages (on-policy
+             distillation: `TrainSequence.token_advantages`).
+An optional frozen reference model adds `kl_coef * k3` KL to the loss.
 """
 
 from __future__ import annotations
@@ -13,9 +22,9 @@ import torch
 from transformers import PreTrainedModel
 
 from safactory.data.experience import TrainSequence
-from safactory.evolve.losses import ppo_clip_loss, sft_loss, token_logprobs
+from safactory.evolve.losses import k3_kl, ppo_clip_loss, sft_loss, token_logprobs
 
-Objective = Literal["sft", "ppo"]
+Objective = Literal["sft", "ppo", "decoupled", "opd"]
 
 
 class Trainer:
@@ -28,13 +37,20 @@ class Trainer:
         grad_clip: float = 1.0,
         micro_batch_size: int = 64,
         pad_id: int = 0,
+        ref_model: PreTrainedModel | None = None,
+        kl_coef: float = 0.0,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.grad_clip = grad_clip
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.ref_model = ref_model.eval() if ref_model is not None else None
+        self.kl_coef = kl_coef
+        if kl_coef > 0 and ref_model is None:
+            raise ValueError("kl_coef > 0 needs a reference model")
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.step = 0
 
     def set_lr(self, lr: float) -> None:
@@ -48,6 +64,8 @@ class Trainer:
         attn_BT = torch.zeros((B, T), dtype=torch.long)
         mask_BT = torch.zeros((B, T))
         old_BT = torch.zeros((B, T))
+        prox_BT = torch.zeros((B, T))
+        tokadv_BT = torch.zeros((B, T))
         for b, s in enumerate(seqs):
             n = len(s.input_ids)
             ids_BT[b, :n] = torch.tensor(s.input_ids)
@@ -55,56 +73,104 @@ class Trainer:
             mask_BT[b, :n] = torch.tensor(s.loss_mask, dtype=torch.float32)
             if s.behaviour_logprobs:
                 old_BT[b, :n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+            if s.proximal_logprobs is not None:
+                prox_BT[b, :n] = torch.tensor(s.proximal_logprobs, dtype=torch.float32)
+            if s.token_advantages is not None:
+                tokadv_BT[b, :n] = torch.tensor(s.token_advantages, dtype=torch.float32)
         batch = {
             "ids_BT": ids_BT,
             "attn_BT": attn_BT,
             "mask_BT": mask_BT,
             "old_BT": old_BT,
+            "prox_BT": prox_BT,
+            "tokadv_BT": tokadv_BT,
             "adv_B": torch.tensor([s.advantage for s in seqs], dtype=torch.float32),
             "temp_B": torch.tensor([s.temperature for s in seqs], dtype=torch.float32),
         }
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def sequence_logprobs(self, batch: dict[str, torch.Tensor], use_temperature: bool) -> torch.Tensor:
+    def sequence_logprobs(
+        self, batch: dict[str, torch.Tensor], use_temperature: bool, model: PreTrainedModel | None = None
+    ) -> torch.Tensor:
         """Log-probs of tokens 1..T-1 given their prefix, shape [B, T-1]."""
-        logits_BTV = self.model(input_ids=batch["ids_BT"], attention_mask=batch["attn_BT"]).logits
+        net = model if model is not None else self.model
+        logits_BTV = net(input_ids=batch["ids_BT"], attention_mask=batch["attn_BT"]).logits
         temp_B = batch["temp_B"] if use_temperature else None
         return token_logprobs(logits_BTV[:, :-1], batch["ids_BT"][:, 1:], temp_B)
 
-    def train_step(self, seqs: list[TrainSequence], objective: Objective, clip_eps: float = 0.2) -> dict[str, float]:
+    @torch.no_grad()
+    def score(self, seqs: list[TrainSequence], model: PreTrainedModel | None = None) -> list[list[float]]:
+        """Per-position log-probs (aligned with input_ids, 0.0 at position 0) under `model`
+        (default: the current weights), at each sequence's sampling temperature."""
+        net = model if model is not None else self.model
+        out: list[list[float]] = []
+        for start in range(0, len(seqs), self.micro_batch_size):
+            micro = seqs[start : start + self.micro_batch_size]
+            logp_BT = self.sequence_logprobs(self._collate(micro), use_temperature=True, model=net).float().cpu()
+            for b, s in enumerate(micro):
+                out.append([0.0] + logp_BT[b, : len(s.input_ids) - 1].tolist())
+        return out
+
+    def fill_proximal(self, seqs: list[TrainSequence]) -> None:
+        """Record the current weights' log-probs as the proximal policy of the decoupled objective."""
+        for seq, logprobs in zip(seqs, self.score(seqs), strict=True):
+            seq.proximal_logprobs = logprobs
+
+    def train_step(
+        self,
+        seqs: list[TrainSequence],
+        objective: Objective,
+        clip_eps: float = 0.2,
+        behaviour_cap: float | None = 2.0,
+    ) -> dict[str, float]:
         """One optimiser step over `seqs`; returns loss and diagnostics."""
         if not seqs:
             raise ValueError("train_step needs at least one sequence")
+        decoupled = objective in ("decoupled", "opd") and all(s.proximal_logprobs is not None for s in seqs)
+        if objective == "decoupled" and not decoupled:
+            raise ValueError("the decoupled objective needs proximal log-probs: call fill_proximal first")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = float(sum(sum(s.loss_mask[1:]) for s in seqs))
         total_loss = 0.0
-        stats = {"clip_frac": 0.0, "approx_kl": 0.0}
+        stats: dict[str, float] = {}
         for start in range(0, len(seqs), self.micro_batch_size):
             micro = seqs[start : start + self.micro_batch_size]
             batch = self._collate(micro)
             mask_BT = batch["mask_BT"][:, 1:]
+            share = float(mask_BT.sum()) / max(n_tokens, 1.0)
             if objective == "sft":
                 logp_BT = self.sequence_logprobs(batch, use_temperature=False)
                 loss = sft_loss(logp_BT, mask_BT, denominator=n_tokens)
             else:
                 logp_BT = self.sequence_logprobs(batch, use_temperature=True)
+                advantages = batch["tokadv_BT"][:, 1:] if objective == "opd" else batch["adv_B"]
+                old_BT = batch["prox_BT"][:, 1:] if decoupled else batch["old_BT"][:, 1:]
                 loss, micro_stats = ppo_clip_loss(
-                    logp_BT, batch["old_BT"][:, 1:], batch["adv_B"], mask_BT, clip_eps, denominator=n_tokens
+                    logp_BT,
+                    old_BT,
+                    advantages,
+                    mask_BT,
+                    clip_eps,
+                    denominator=n_tokens,
+                    behaviour_logprobs_BT=batch["old_BT"][:, 1:] if decoupled else None,
+                    behaviour_cap=behaviour_cap,
                 )
-                share = float(mask_BT.sum()) / max(n_tokens, 1.0)
+                if self.ref_model is not None and self.kl_coef > 0:
+                    with torch.no_grad():
+                        ref_BT = self.sequence_logprobs(batch, use_temperature=True, model=self.ref_model)
+                    kl = k3_kl(logp_BT, ref_BT, mask_BT, denominator=n_tokens)
+                    loss = loss + self.kl_coef * kl
+                    micro_stats["kl_ref"] = float(kl) * n_tokens / max(float(mask_BT.sum()), 1.0)
                 for key, value in micro_stats.items():
-                    stats[key] += value * share
+                    stats[key] = stats.get(key, 0.0) + value * share
             loss.backward()
             total_loss += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.step += 1
         self.model.eval()
-        out = {"loss": total_loss, "grad_norm": float(grad_norm), "tokens": n_tokens}
-        if objective == "ppo":
-            out.update(stats)
-        return out
+        return {"loss": total_loss, "grad_norm": float(grad_norm), "tokens": n_tokens, **stats}
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A detached copy of the weights, safe to hand to another thread or policy."""
