@@ -74,6 +74,56 @@ def envs() -> None:
         Console().print(f"adapters (env ids built on demand): {schemes}")
 
 
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Job directory (checkpoints, train.json)")],
+    db: Annotated[str | None, typer.Option("--db", help="Store URL or run dir holding the data")] = None,
+    mode: Annotated[str, typer.Option(help="sft | rl | opd")] = "sft",
+    model: Annotated[str, typer.Option(help="'tiny' or a saved model directory")] = "tiny",
+    teacher: Annotated[str | None, typer.Option(help="Teacher model directory (opd)")] = None,
+    run: Annotated[str | None, typer.Option(help="Only data of this run id")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Trajectory kind (default: expert for sft, rollout otherwise)")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps at most")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Trajectories (sft) or groups (rl, opd) per step")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every this many steps")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed")] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the job in --out from its last checkpoint")
+    ] = False,
+) -> None:
+    """Train on data already in a store (SFT, RL, on-policy distillation); resumable after a crash."""
+    from safactory.evolve.offline import OfflineTrainer, TrainJob
+
+    if resume:
+        job = OfflineTrainer.resume(out)
+    else:
+        if db is None:
+            raise typer.BadParameter("--db is required (unless --resume)")
+        if mode not in ("sft", "rl", "opd"):
+            raise typer.BadParameter("--mode must be sft, rl or opd")
+        url = _open_store(db).url
+        spec = TrainJob(
+            db=url,
+            out=str(out),
+            mode=mode,
+            model=model,
+            teacher=teacher,
+            data_run=run,
+            kind=kind,  # type: ignore[arg-type]
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+        )
+        job = OfflineTrainer(spec)
+    result = job.run()
+    Console().print(f"done: step {result.get('step')} checkpoint {result['checkpoint']}")
+
+
 @app.command("serve-env")
 def serve_env(
     env: Annotated[str, typer.Argument(help="Registered environment id, e.g. arith")],
@@ -237,4 +287,7 @@ def data_import(
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display is enough
     app()

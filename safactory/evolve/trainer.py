@@ -50,10 +50,12 @@ class Trainer:
         if kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
         self.step = 0
 
     def set_lr(self, lr: float) -> None:
+        if self.optimizer is None:
+            return
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -126,6 +128,8 @@ class Trainer:
         """One optimiser step over `seqs`; returns loss and diagnostics."""
         if not seqs:
             raise ValueError("train_step needs at least one sequence")
+        if self.optimizer is None:
+            raise ValueError("this trainer's model has no trainable parameters")
         decoupled = objective in ("decoupled", "opd") and all(s.proximal_logprobs is not None for s in seqs)
         if objective == "decoupled" and not decoupled:
             raise ValueError("the decoupled objective needs proximal log-probs: call fill_proximal first")

@@ -1,0 +1,129 @@
+"""Checkpoints: weights in safetensors plus the optimiser state and metadata, written atomically.
+
+A checkpoint is a directory `step-000042/` holding the model (HF `save_pretrained`,
+safetensors), the tokenizer, `optimizer.pt` and `checkpoint.json` (version, parent
+version, training step, weights hash, the trajectories consumed so far as a count
+and a hash of their ids, and free-form metadata). It is written to a temporary
+directory and renamed into place, and `latest` is replaced atomically afterwards,
+so a kill -9 at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from safactory.data.integrity import weights_hash
+
+META = "checkpoint.json"
+
+
+@dataclass
+class CheckpointMeta:
+    version: int
+    parent_version: int | None
+    train_step: int
+    weights_hash: str
+    consumed_count: int = 0
+    consumed_ids_sha256: str = ""
+    created_at: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ids_digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer | None,
+    version: int,
+    parent_version: int | None,
+    train_step: int,
+    consumed_ids: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint under `root` and point `root/latest` at it; returns its directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{train_step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(tmp)
+    else:
+        tokenizer.save(tmp)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    ids = consumed_ids or []
+    meta = CheckpointMeta(
+        version=version,
+        parent_version=parent_version,
+        train_step=train_step,
+        weights_hash=weights_hash(model.state_dict()),
+        consumed_count=len(ids),
+        consumed_ids_sha256=ids_digest(ids),
+        extra=extra or {},
+    )
+    (tmp / META).write_text(json.dumps(asdict(meta), indent=2))
+    for path in tmp.iterdir():
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / "latest")
+    _fsync_dir(root)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The directory `root/latest` points at, if it is a complete checkpoint."""
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / META).exists() else None
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    return CheckpointMeta(**json.loads((path / META).read_text()))
+
+
+def load_checkpoint(
+    path: Path, model: PreTrainedModel | None = None, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[PreTrainedModel, CheckpointMeta]:
+    """Load weights (into `model` if given) and optimiser state; checks the weights hash."""
+    meta = read_meta(path)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    if model is None:
+        model = loaded
+    else:
+        model.load_state_dict(loaded.state_dict())
+    if weights_hash(model.state_dict()) != meta.weights_hash:
+        raise ValueError(f"checkpoint {path} does not match its recorded weights hash")
+    if optimizer is not None and (path / "optimizer.pt").exists():
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    return model, meta

@@ -1,0 +1,178 @@
+"""`safactory train`: SFT, RL or on-policy distillation on data already in a store, resumable.
+
+The job is one consumer of the store: each optimiser step takes trajectories this
+consumer has not used, trains on them, then records their consumption with the step
+number. Every `checkpoint_every` steps it writes a checkpoint. After a crash (even
+kill -9), `resume` loads the last checkpoint and releases the consumption of later
+steps, whose updates were lost with the process; so the final model has seen every
+eligible trajectory exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from safactory.data.experience import TrainSequence, group_batch, rl_sequences, sft_sequence
+from safactory.data.store import TrajectoryStore
+from safactory.evolve.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from safactory.evolve.teacher import LocalTeacher, distill
+from safactory.evolve.trainer import Trainer
+from safactory.policy.chat import PlainTextChat
+from safactory.policy.models import TinyModelSpec, build_tiny, load_model
+from safactory.types import Trajectory, uuid7
+
+Mode = Literal["sft", "rl", "opd"]
+JOB_FILE = "train.json"
+
+
+@dataclass
+class TrainJob:
+    """One offline training job (saved as OUT/train.json so `--resume` needs only OUT)."""
+
+    db: str
+    out: str
+    mode: Mode = "sft"
+    model: str = "tiny"
+    teacher: str | None = None
+    data_run: str | None = None
+    kind: str | None = None
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    clip_eps: float = 0.2
+    kl_coef: float = 1.0
+    checkpoint_every: int = 10
+    seed: int = 0
+    consumer: str = field(default_factory=lambda: f"train-{uuid7()}")
+
+    def default_kind(self) -> str:
+        return self.kind or ("expert" if self.mode == "sft" else "rollout")
+
+
+class OfflineTrainer:
+    def __init__(self, job: TrainJob, log: Callable[[str], None] = print) -> None:
+        self.job = job
+        self.log = log
+        self.out = Path(job.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.store = TrajectoryStore(job.db)
+        self.rng = random.Random(job.seed)
+
+    @classmethod
+    def resume(cls, out: Path, log: Callable[[str], None] = print) -> OfflineTrainer:
+        data = json.loads((out / JOB_FILE).read_text())
+        return cls(TrainJob(**data), log)
+
+    def _setup(self) -> None:
+        job = self.job
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / JOB_FILE).write_text(json.dumps(asdict(job), indent=2))
+        torch.manual_seed(job.seed)
+        if job.model == "tiny":
+            model, tokenizer = build_tiny(TinyModelSpec(), job.seed)
+        else:
+            model, tokenizer = load_model(job.model)
+        self.tokenizer = tokenizer
+        self.chat = PlainTextChat(tokenizer)
+        self.trainer = Trainer(model, lr=job.lr, pad_id=tokenizer.pad_id)
+        self.version = 0
+        ckpt = latest_checkpoint(self.ckpt_root)
+        if ckpt is not None:
+            _, meta = load_checkpoint(ckpt, self.trainer.model, self.trainer.optimizer)
+            self.trainer.step = meta.train_step
+            self.version = meta.version
+            released = self.store.release_consumed_after(job.consumer, meta.train_step)
+            self.log(
+                f"resumed from {ckpt.name} (step {meta.train_step}); {released} consumptions of lost steps released"
+            )
+        self.teacher = None
+        if job.mode == "opd":
+            if not job.teacher:
+                raise ValueError("on-policy distillation needs --teacher (a saved model directory)")
+            teacher_model, teacher_tok = load_model(job.teacher)
+            self.teacher = LocalTeacher(teacher_model, teacher_tok, tokenizer, pad_id=tokenizer.pad_id)
+
+    def _next_batch(self) -> list[Trajectory]:
+        job = self.job
+        kind = job.default_kind()
+        if job.mode == "sft":
+            rows = (t for t in self.store.iter(run_id=job.data_run, kind=kind, unconsumed_by=job.consumer) if t.success)
+            batch: list[Trajectory] = []
+            for t in rows:
+                batch.append(t)
+                if len(batch) >= job.batch_size:
+                    break
+            return batch
+        groups: dict[str, list[Trajectory]] = {}
+        for t in self.store.iter(run_id=job.data_run, kind=kind, unconsumed_by=job.consumer):
+            if t.group_id not in groups and len(groups) >= job.batch_size:
+                break
+            groups.setdefault(t.group_id, []).append(t)
+        return [t for g in groups.values() for t in g]
+
+    def _sequences(self, batch: list[Trajectory]) -> tuple[list[TrainSequence], str, dict[str, float]]:
+        job = self.job
+        if job.mode == "sft":
+            return [sft_sequence(t, self.chat) for t in batch], "sft", {}
+        groups: dict[str, list[Trajectory]] = {}
+        for t in batch:
+            groups.setdefault(t.group_id, []).append(t)
+        if job.mode == "rl":
+            gb = group_batch(list(groups.values()))
+            return gb.sequences, "ppo", {"groups_used": gb.groups_used, "mean_reward": gb.mean_reward}
+        seqs = [s for t in batch for s in rl_sequences(t)]
+        assert self.teacher is not None
+        stats = distill(seqs, self.teacher.score(seqs), kl_coef=job.kl_coef)
+        return seqs, "opd", stats
+
+    def run(self) -> dict[str, Any]:
+        self._setup()
+        job = self.job
+        last: dict[str, Any] = {}
+        while self.trainer.step < job.steps:
+            batch = self._next_batch()
+            if not batch:
+                self.log(f"no unconsumed {job.default_kind()} data left after step {self.trainer.step}")
+                break
+            seqs, objective, extra = self._sequences(batch)
+            if seqs:
+                stats = self.trainer.train_step(seqs, objective, job.clip_eps)  # type: ignore[arg-type]
+            else:  # e.g. RL groups with equal rewards: no signal, but the data is used up
+                self.trainer.step += 1
+                stats = {"loss": 0.0}
+            self.store.mark_consumed([t.id for t in batch], self.trainer.step, consumer=job.consumer)
+            self.version += 1
+            last = {"step": self.trainer.step, "trajectories": len(batch), **stats, **extra}
+            self.log(json.dumps(last))
+            if self.trainer.step % job.checkpoint_every == 0:
+                self._checkpoint()
+        path = self._checkpoint()
+        self.store.close()
+        return {"checkpoint": str(path), "consumer": job.consumer, **last}
+
+    def _checkpoint(self) -> Path:
+        path = save_checkpoint(
+            self.ckpt_root,
+            model=self.trainer.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.trainer.optimizer,
+            version=self.version,
+            parent_version=self.version - 1 if self.version > 0 else None,
+            train_step=self.trainer.step,
+            extra={"consumer": self.job.consumer, "mode": self.job.mode},
+        )
+        self.store.add_checkpoint(
+            self.job.consumer,
+            self.version,
+            weights_hash=json.loads((path / "checkpoint.json").read_text())["weights_hash"],
+            train_step=self.trainer.step,
+            path=str(path),
+        )
+        return path
