@@ -96,7 +96,10 @@ class Trainer:
     ) -> torch.Tensor:
         """Log-probs of tokens 1..T-1 given their prefix, shape [B, T-1]."""
         net = model if model is not None else self.model
-        logits_BTV = net(input_ids=batch["ids_BT"], attention_mask=batch["attn_BT"]).logits
+        attn_BT = batch["attn_BT"]
+        # without padding the causal fast path needs no mask
+        mask_arg = None if bool(attn_BT.all()) else attn_BT
+        logits_BTV = net(input_ids=batch["ids_BT"], attention_mask=mask_arg).logits
         temp_B = batch["temp_B"] if use_temperature else None
         return token_logprobs(logits_BTV[:, :-1], batch["ids_BT"][:, 1:], temp_B)
 
