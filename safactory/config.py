@@ -28,6 +28,7 @@ class EnvConfig(_Strict):
 
 class ModelConfig(_Strict):
     kind: str = Field("tiny", description="Model factory: 'tiny' (random init + character tokenizer).")
+    path: str | None = Field(None, description="Start from this saved model directory instead (e.g. RUN/model).")
     hidden_size: int = Field(128, description="Hidden width of the tiny model.")
     layers: int = Field(2, description="Number of transformer layers.")
     heads: int = Field(4, description="Attention heads.")

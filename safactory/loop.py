@@ -39,7 +39,7 @@ from safactory.metrics import MetricsLog
 from safactory.policy.base import SamplingParams
 from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
-from safactory.policy.models import TinyModelSpec, build_tiny, save_model
+from safactory.policy.models import TinyModelSpec, build_tiny, load_model, save_model
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.env import EnvEntry, default_registry
 from safactory.sim.runner import Admission, RolloutRunner
@@ -72,10 +72,13 @@ class Factory:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
-        if cfg.model.kind != "tiny":
-            raise ValueError(f"model kind {cfg.model.kind!r} is not supported yet; use 'tiny'")
-        spec = TinyModelSpec(cfg.model.hidden_size, cfg.model.layers, cfg.model.heads, cfg.model.intermediate_size)
-        model, self.tokenizer = build_tiny(spec, cfg.seed)
+        if cfg.model.path:
+            model, self.tokenizer = load_model(cfg.model.path)
+        elif cfg.model.kind == "tiny":
+            spec = TinyModelSpec(cfg.model.hidden_size, cfg.model.layers, cfg.model.heads, cfg.model.intermediate_size)
+            model, self.tokenizer = build_tiny(spec, cfg.seed)
+        else:
+            raise ValueError(f"model kind {cfg.model.kind!r} is not supported by `run` yet; use 'tiny' or model.path")
         model = model.to(cfg.model.torch_device())
         self.chat = PlainTextChat(self.tokenizer)
         self.policy = LocalPolicy(copy.deepcopy(model), self.chat, max_batch=cfg.rollout.max_batch, seed=cfg.seed)
