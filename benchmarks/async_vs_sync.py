@@ -10,25 +10,17 @@ RL wall-clock each needed to reach it. Last line: `ratio=<t_sync / t_async>`.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from safactory.config import load_config
 from safactory.loop import Factory
 
 
-def rl_curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(seconds since RL started, held-out success) for each RL-phase evaluation."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    start = next(r["time_s"] for r in rows if r.get("phase") == "rl")
-    return [
-        (r["time_s"] - start, r["eval/success_rate"])
-        for r in rows
-        if "eval/phase" in r
-        and str(r["eval/phase"]).startswith("rl")
-        and r["time_s"] >= start
-        and r.get("phase") == "rl"
-    ]
+def rl_curve(summary: dict) -> list[tuple[float, float]]:
+    """(seconds since RL started, held-out success) for each evaluation during and after RL."""
+    start = summary["rl"]["started_s"]
+    rows = [*summary.get("evals", {}).values(), summary["phases"]["rl"]]
+    return sorted((r["time_s"] - start, r["success_rate"]) for r in rows)
 
 
 def first_reach(curve: list[tuple[float, float]], target: float) -> float:
@@ -55,9 +47,8 @@ def main() -> None:
             f"rl.eta={eta}",
             "rl.eval_every=10",
         ]
-        run_dir = out / f"eta{eta}"
-        summary = Factory(load_config("examples/arith.yaml", overrides), run_dir).run()
-        results[eta] = {"curve": rl_curve(run_dir), "trainer_idle": summary["rl"]["trainer_idle_fraction"]}
+        summary = Factory(load_config("examples/arith.yaml", overrides), out / f"eta{eta}").run()
+        results[eta] = {"curve": rl_curve(summary), "trainer_idle": summary["rl"]["trainer_idle_fraction"]}
     best = min(max(s for _, s in r["curve"]) for r in results.values())
     target = 0.95 * best
     t_sync, t_async = (first_reach(results[eta]["curve"], target) for eta in (0, 2))

@@ -178,7 +178,12 @@ class Factory:
     async def _evaluate(self, phase: str) -> float:
         trajs = await self._greedy(self.test_tasks, {"phase": phase})
         rate = success_rate(trajs)
-        row = {"success_rate": rate, "episodes": len(trajs), "policy_version": self.policy.version}
+        row = {
+            "success_rate": rate,
+            "episodes": len(trajs),
+            "policy_version": self.policy.version,
+            "time_s": round(time.time() - self.metrics.start, 3),
+        }
         if "@" in phase:  # intermediate evaluations during a phase
             self.summary.setdefault("evals", {})[phase] = row
         else:
@@ -235,6 +240,7 @@ class Factory:
     async def _rl(self) -> None:
         cfg = self.config.rl
         self.trainer.set_lr(cfg.lr)
+        rl_started_s = round(time.time() - self.metrics.start, 3)
         base = self.policy.version
         admission = Admission(cfg.tasks_per_step, cfg.eta, lambda: self.policy.version - base)
         ready: asyncio.Queue[list[str]] = asyncio.Queue()
@@ -301,6 +307,7 @@ class Factory:
             await asyncio.gather(producer, return_exceptions=True)
             await writer.close()
         self.summary["rl"] = {
+            "started_s": rl_started_s,
             "steps": cfg.steps,
             "episodes": self.episodes,
             "trainer_idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
