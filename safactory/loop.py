@@ -294,6 +294,7 @@ class Factory:
                         "rollout/success_rate": rollout_success,
                         "rollout/mean_reward": batch.mean_reward,
                         "rollout/version_gap_max": max(gaps, default=0),
+                        "rollout/version_gap_hist": {str(g): gaps.count(g) for g in sorted(set(gaps))},
                         "rollout/version_gap_mean": sum(gaps) / max(len(gaps), 1),
                     }
                 )
