@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import (
@@ -51,6 +51,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from safactory.types import SCHEMA_VERSION, Step, Task, TokenTrace, Trajectory, canonical_json, sha256_hex
+
+if TYPE_CHECKING:
+    from safactory.data.redact import Redactor
 
 metadata = MetaData()
 
@@ -207,8 +210,10 @@ def _dumps(value: Any) -> str:
 class TrajectoryStore:
     """Durable, append-only trajectory storage on any SQLAlchemy URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, redactor: Redactor | None = None) -> None:
+        """`redactor`: when given, every trajectory is redacted (secrets, emails, ...) before it is stored."""
         self.url = url
+        self.redactor = redactor
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(url)
@@ -270,6 +275,8 @@ class TrajectoryStore:
         batch = list(items)
         if not batch:
             return 0
+        if self.redactor is not None:
+            batch = [self.redactor.redact_trajectory(t) for t in batch]
         with self.engine.begin() as conn:
             known = set(
                 conn.execute(select(trajectories.c.id).where(trajectories.c.id.in_([t.id for t in batch]))).scalars()
