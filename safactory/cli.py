@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from safactory.sim.rollout import rollout_command
+
 if TYPE_CHECKING:
     from safactory.data.store import TrajectoryStore
 
@@ -72,6 +74,9 @@ def envs() -> None:
     if registry.schemes:
         schemes = ", ".join(f"{s}:<...>" for s in sorted(registry.schemes))
         Console().print(f"adapters (env ids built on demand): {schemes}")
+
+
+app.command("rollout", help="Run episodes of one env with one policy and store them all.")(rollout_command)
 
 
 @app.command()

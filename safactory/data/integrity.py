@@ -14,10 +14,12 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from safactory.data.store import TrajectoryStore
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -70,6 +72,8 @@ def verify(store: TrajectoryStore, progress: Callable[[int], None] | None = None
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 over parameter names, dtypes, shapes and bytes, in name order."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous()

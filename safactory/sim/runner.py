@@ -1,28 +1,124 @@
-"""RolloutRunner: many concurrent episodes, grouped per task, with admission control.
+"""RolloutRunner: many concurrent episodes, grouped per task, with admission control and start retries.
 
 A group is G episodes of the same task (the unit of group-relative advantages).
 `run_groups` runs a fixed list of tasks; `stream` keeps admitting groups for as long
 as asked, each only when the staleness bound allows it (see `Admission`), and hands
 every finished group to a sink (typically: store it, then queue it for training).
+
+Robustness:
+
+* Infrastructure failures at episode start (the env cannot be built, or its `reset`
+  raises a connection-type error: `RemoteEnvUnavailable`, a full env server,
+  `ConnectionError` or another `OSError` that is not a timeout) are retried a bounded
+  number of times with exponential backoff and jitter (`StartRetry`); the episode
+  slot is released while waiting. The trajectory records how many attempts it took in
+  `tags["attempts"]`. Errors inside a running episode are never retried: they end
+  the episode with a recorded reason (see `safactory.sim.agent`), and a start that
+  still fails after the last attempt is stored as an `env_error` trajectory too.
+* Cancelling `run_group`, `run_groups` or `stream` cancels the episodes in flight;
+  each closes its environment on the way out. A failure that escapes one episode
+  (a bug, not an episode-level error) cancels its siblings the same way.
+* `on_episode` is called with every finished trajectory (progress bars, counters).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+import inspect
+import random
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from safactory.policy.base import Policy, SamplingParams
 from safactory.sim.agent import EpisodeLimits, run_episode
-from safactory.sim.env import Environment
-from safactory.types import Task, Trajectory, uuid7
+from safactory.sim.env import Environment, EnvSpec
+from safactory.sim.remote import RemoteEnvUnavailable, SessionLimitError
+from safactory.types import Message, Observation, StepResult, Task, Trajectory, uuid7
+
+_T = TypeVar("_T")
+
+RETRYABLE: tuple[type[BaseException], ...] = (OSError, RemoteEnvUnavailable, SessionLimitError)
+"""Exceptions at episode start that mean "the infrastructure is not there (yet)"; TimeoutError excepted."""
 
 
 def episode_seed(base_seed: int, task_id: str, index: int) -> int:
     """A reproducible per-episode seed from the run seed, the task and the member index."""
     digest = hashlib.sha256(f"{base_seed}:{task_id}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
+
+
+@dataclass(frozen=True)
+class StartRetry:
+    """Bounded retries of an episode whose start failed for infrastructure reasons.
+
+    `attempts` counts every try, the first included (1 = no retries). Before try
+    k + 1 the runner waits `min(backoff_s * 2**(k-1), max_backoff_s)`, scaled by a
+    random factor in [0.5, 1] so that many episodes failing together do not retry
+    in lockstep.
+    """
+
+    attempts: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    retry_on: tuple[type[BaseException], ...] = RETRYABLE
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError("attempts must be >= 1 and backoff times >= 0")
+
+    def retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.retry_on) and not isinstance(exc, TimeoutError)
+
+    def delay_s(self, attempt: int) -> float:
+        """The wait after failed attempt number `attempt` (1-based)."""
+        return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s) * random.uniform(0.5, 1.0)
+
+
+class _StartProbe:
+    """Stands in for an env for one episode and remembers what its `reset` raised.
+
+    `step` and `close` are the env's own bound methods, so a step costs nothing extra.
+    """
+
+    __slots__ = ("env", "step", "close", "reset_error")
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+        self.step: Callable[[Message], Awaitable[StepResult]] = env.step
+        self.close: Callable[[], Awaitable[None]] = env.close
+        self.reset_error: BaseException | None = None
+
+    @property
+    def spec(self) -> EnvSpec:
+        return self.env.spec
+
+    async def reset(self, task: Task, seed: int) -> Observation:
+        try:
+            return await self.env.reset(task, seed)
+        except BaseException as exc:
+            self.reset_error = exc
+            raise
+
+
+async def gather_or_cancel(coros: list[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """Run coroutines concurrently and return their results in order.
+
+    If the caller is cancelled, or one of them raises, the others are cancelled and
+    awaited before the exception propagates, so nothing is left running (and every
+    episode has closed its environment).
+    """
+    if len(coros) == 1:  # nothing to run beside it: no task, no gather
+        return [await coros[0]]
+    jobs = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*jobs))
+    except BaseException:
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        raise
 
 
 class Admission:
@@ -60,7 +156,11 @@ class Admission:
 
 
 class RolloutRunner:
-    """Runs groups of episodes concurrently against one policy."""
+    """Runs groups of episodes concurrently against one policy.
+
+    `concurrency` bounds the episodes running at once; `retry` governs retries of
+    failed starts; `on_episode` is called with each finished trajectory.
+    """
 
     def __init__(
         self,
@@ -72,35 +172,114 @@ class RolloutRunner:
         run_id: str = "",
         seed: int = 0,
         provenance: Callable[[], dict[str, Any]] | None = None,
+        retry: StartRetry | None = None,
+        on_episode: Callable[[Trajectory], None] | None = None,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {concurrency}")
         self.env_factory = env_factory
         self.policy = policy
         self.limits = limits
         self.run_id = run_id
         self.seed = seed
         self.provenance = provenance
+        self.retry = retry if retry is not None else StartRetry()
+        self.on_episode = on_episode
         self._slots = asyncio.Semaphore(concurrency)
         self.episodes_done = 0
+        self.start_retries = 0
 
     async def _episode(
         self, task: Task, index: int, group_id: str, sampling: SamplingParams, kind: str, tags: dict[str, Any]
     ) -> Trajectory:
-        async with self._slots:
+        seed = episode_seed(self.seed, task.id, index)
+        attempt = 0
+        while True:
+            attempt += 1
+            async with self._slots:
+                provenance = self.provenance() if self.provenance else None
+                traj, start_error = await self._attempt(task, seed, group_id, sampling, kind, tags, provenance)
+            if start_error is None or attempt >= self.retry.attempts or not self.retry.retryable(start_error):
+                break
+            self.start_retries += 1
+            await asyncio.sleep(self.retry.delay_s(attempt))
+        if traj is None:
+            assert start_error is not None
+            traj = self._start_failure(task, seed, group_id, kind, tags, provenance, start_error)
+        traj.tags["attempts"] = attempt
+        self.episodes_done += 1
+        if self.on_episode is not None:
+            self.on_episode(traj)
+        return traj
+
+    async def _attempt(
+        self,
+        task: Task,
+        seed: int,
+        group_id: str,
+        sampling: SamplingParams,
+        kind: str,
+        tags: dict[str, Any],
+        provenance: dict[str, Any] | None,
+    ) -> tuple[Trajectory | None, BaseException | None]:
+        """One try at an episode: its trajectory, and the error if it failed to start.
+
+        The trajectory is None when the env could not be built; the error is set when
+        building the env or its `reset` raised, so the caller can decide to retry.
+        """
+        probes: list[_StartProbe] = []
+
+        def make_env() -> Environment:
+            probe = _StartProbe(self.env_factory())
+            probes.append(probe)
+            return probe
+
+        try:
             traj = await run_episode(
-                self.env_factory,
+                make_env,
                 self.policy,
                 task,
-                seed=episode_seed(self.seed, task.id, index),
+                seed=seed,
                 sampling=sampling,
                 limits=self.limits,
                 run_id=self.run_id,
                 group_id=group_id,
                 kind=kind,
                 tags=tags,
-                provenance=self.provenance() if self.provenance else None,
+                provenance=provenance,
             )
-        self.episodes_done += 1
-        return traj
+        except Exception as exc:  # run_episode raises only when the env cannot be built
+            if probes:
+                raise
+            return None, exc
+        if not traj.steps and probes[0].reset_error is not None:
+            return traj, probes[0].reset_error
+        return traj, None
+
+    def _start_failure(
+        self,
+        task: Task,
+        seed: int,
+        group_id: str,
+        kind: str,
+        tags: dict[str, Any],
+        provenance: dict[str, Any] | None,
+        exc: BaseException,
+    ) -> Trajectory:
+        """The trajectory of an episode whose environment could not even be built."""
+        return Trajectory(
+            run_id=self.run_id,
+            group_id=group_id,
+            kind=kind,
+            task=task,
+            task_hash=task.hash(),
+            env_id=task.env_id,
+            seed=seed,
+            tags=dict(tags),
+            provenance=dict(provenance or {}),
+            termination="env_error",
+            error=f"env start failed: {exc!r}",
+        )
 
     async def run_group(
         self,
@@ -112,8 +291,9 @@ class RolloutRunner:
         tags: dict[str, Any] | None = None,
     ) -> list[Trajectory]:
         group_id = uuid7()
-        coros = [self._episode(task, i, group_id, sampling, kind, tags or {}) for i in range(group_size)]
-        return list(await asyncio.gather(*coros))
+        return await gather_or_cancel(
+            [self._episode(task, i, group_id, sampling, kind, tags or {}) for i in range(group_size)]
+        )
 
     async def run_groups(
         self,
@@ -123,15 +303,19 @@ class RolloutRunner:
         *,
         kind: str = "rollout",
         tags: dict[str, Any] | None = None,
-        on_group: Callable[[list[Trajectory]], None] | None = None,
+        on_group: Callable[[list[Trajectory]], Awaitable[None] | None] | None = None,
     ) -> list[list[Trajectory]]:
+        """One group per task; `on_group` (plain or async) sees each group as it finishes."""
+
         async def one(task: Task) -> list[Trajectory]:
             group = await self.run_group(task, group_size, sampling, kind=kind, tags=tags)
             if on_group is not None:
-                on_group(group)
+                result = on_group(group)
+                if inspect.isawaitable(result):
+                    await result
             return group
 
-        return list(await asyncio.gather(*(one(t) for t in tasks)))
+        return await gather_or_cancel([one(t) for t in tasks])
 
     async def stream(
         self,
@@ -146,7 +330,7 @@ class RolloutRunner:
         """Admit groups from `tasks` under `admission` and pass each finished group to `sink`.
 
         Runs until cancelled or the task iterator ends; in-flight groups are awaited
-        on a normal end and cancelled with the stream.
+        on a normal end and cancelled (and awaited, so their envs close) with the stream.
         """
         running: set[asyncio.Task[None]] = set()
 
@@ -163,5 +347,8 @@ class RolloutRunner:
             if running:
                 await asyncio.gather(*running)
         finally:
-            for job in running:
+            pending = list(running)
+            for job in pending:
                 job.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
