@@ -7,19 +7,7 @@ import random
 import sys
 
 from safactory.data.store import TrajectoryStore
-from safactory.types import Message, Step, Task, TokenTrace, Trajectory
-
-
-def synthetic(run_id: str, rng: random.Random) -> Trajectory:
-    task = Task(id=f"t{rng.randint(0, 50)}", env_id="synthetic", split="train", prompt="p")
-    steps = []
-    prompt = [rng.randint(4, 90) for _ in range(30)]
-    for i in range(3):
-        completion = [rng.randint(4, 90) for _ in range(20)]
-        trace = TokenTrace(prompt_ids=prompt, completion_ids=completion, logprobs=[-rng.random() for _ in completion])
-        steps.append(Step(index=i, action=Message(role="assistant", content="x" * 20), trace=trace))
-        prompt = prompt + completion + [5, 6]
-    return Trajectory(run_id=run_id, task=task, env_id="synthetic", steps=steps, reward=rng.random())
+from safactory.data.synthetic import synthetic_trajectory as synthetic
 
 
 def main() -> None:

@@ -288,13 +288,14 @@ class TrajectoryStore:
                     fresh.append(traj)
             if not fresh:
                 return 0
-            self._insert_tasks(conn, [t.task for t in fresh])
+            for traj in fresh:
+                traj.task_hash = traj.task.hash()
+            self._insert_tasks(conn, [(t.task_hash, t.task) for t in fresh])
             heads = self._heads(conn, {t.run_id for t in fresh})
             traj_rows, step_rows, trace_rows = [], [], []
             for traj in fresh:
                 if traj.run_id not in heads:
                     raise KeyError(f"run {traj.run_id!r} does not exist; call create_run first")
-                traj.task_hash = traj.task.hash()
                 traj.content_hash = traj.compute_hash()
                 count, last = heads[traj.run_id]
                 traj.prev_hash = last
@@ -302,26 +303,23 @@ class TrajectoryStore:
                 traj_rows.append(self._traj_row(traj))
                 step_rows += [self._step_row(traj.id, s) for s in traj.steps]
                 trace_rows += self._trace_rows(traj)
-            conn.execute(trajectories.insert(), traj_rows)
-            if step_rows:
-                conn.execute(steps.insert(), step_rows)
-            if trace_rows:
-                conn.execute(token_traces.insert(), trace_rows)
+            _bulk_insert(conn, trajectories, traj_rows)
+            _bulk_insert(conn, steps, step_rows)
+            _bulk_insert(conn, token_traces, trace_rows)
             for run_id, (count, last) in heads.items():
                 conn.execute(update(runs).where(runs.c.id == run_id).values(n_trajectories=count, head_hash=last))
         return len(fresh)
 
     @staticmethod
-    def _insert_tasks(conn: Connection, items: list[Task]) -> None:
-        by_hash = {t.hash(): t for t in items}
+    def _insert_tasks(conn: Connection, items: list[tuple[str, Task]]) -> None:
+        by_hash = dict(items)
         known = set(conn.execute(select(tasks.c.hash).where(tasks.c.hash.in_(list(by_hash)))).scalars())
-        rows = [
-            {"hash": h, "task_id": t.id, "env_id": t.env_id, "split": t.split, "body": canonical_json(t.model_dump())}
-            for h, t in by_hash.items()
-            if h not in known
-        ]
-        if rows:
-            conn.execute(tasks.insert(), rows)
+        _bulk_insert(conn, tasks, [TrajectoryStore._task_row(t) for h, t in by_hash.items() if h not in known])
+
+    @staticmethod
+    def _task_row(task: Task) -> dict[str, Any]:
+        body = canonical_json(task.model_dump())
+        return {"hash": sha256_hex(body), "task_id": task.id, "env_id": task.env_id, "split": task.split, "body": body}
 
     @staticmethod
     def _heads(conn: Connection, run_ids: set[str]) -> dict[str, tuple[int, str]]:
@@ -337,7 +335,7 @@ class TrajectoryStore:
             "run_id": traj.run_id,
             "kind": traj.kind,
             "group_id": traj.group_id,
-            "task_hash": traj.task.hash(),
+            "task_hash": traj.task_hash,
             "task_id": traj.task.id,
             "split": traj.task.split,
             "env_id": traj.env_id,
@@ -682,6 +680,25 @@ class TrajectoryStore:
                 select(safety_verdicts).where(safety_verdicts.c.trajectory_id == trajectory_id)
             ).mappings()
             return [{**r, "reasons": json.loads(r["reasons"]), "meta": json.loads(r["meta"])} for r in rows]
+
+
+def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """executemany straight through the driver: one statement per table, plain tuples.
+
+    Every value is already a str, int, float, bool, bytes or None, which both sqlite3 and
+    psycopg take as they are, so SQLAlchemy's per-value processing is skipped.
+    """
+    if not rows:
+        return
+    cols = list(rows[0])
+    style = conn.dialect.paramstyle
+    mark = "?" if style == "qmark" else "%s"
+    preparer = conn.dialect.identifier_preparer
+    sql = (
+        f"INSERT INTO {preparer.format_table(table)} ({', '.join(preparer.quote(c) for c in cols)}) "
+        f"VALUES ({', '.join([mark] * len(cols))})"
+    )
+    conn.exec_driver_sql(sql, [tuple(r[c] for c in cols) for r in rows])
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
