@@ -24,7 +24,13 @@ class SamplingParams(BaseModel):
 
 
 class Completion(BaseModel):
-    """One assistant turn produced by a policy."""
+    """One assistant turn produced by a policy.
+
+    `policy_version` is the version that produced the first token. A request in
+    flight while new weights were swapped in samples its later tokens with the new
+    weights; `policy_versions` lists every version the completion touched, in order
+    (one entry unless a swap fell inside it; empty from policies that do not say).
+    """
 
     text: str
     tool_calls: list[ToolCall] = Field(default_factory=list)
@@ -33,6 +39,7 @@ class Completion(BaseModel):
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
     policy_version: int = 0
+    policy_versions: list[int] = Field(default_factory=list)
     temperature: float = 1.0
     top_p: float = 1.0
     finish_reason: str = "stop"
