@@ -151,7 +151,7 @@ def serve_env(
 
 @app.command("serve-policy")
 def serve_policy(
-    model: Annotated[Path, typer.Option("--model", help="A saved model directory (e.g. RUN/model)")],
+    model: Annotated[str, typer.Option("--model", help="smollm2 | tiny | a saved model directory (e.g. RUN/model)")],
     host: Annotated[str, typer.Option(help="Bind address; a non-loopback address needs --token")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     token: Annotated[
@@ -166,7 +166,7 @@ def serve_policy(
         check_bind(host, token)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--host") from exc
-    run_server(str(model), host, port, token)
+    run_server(model, host, port, token)
 
 
 @data_app.command("verify")

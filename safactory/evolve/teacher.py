@@ -16,19 +16,11 @@ from transformers import PreTrainedModel
 
 from safactory.data.experience import TrainSequence
 from safactory.evolve.trainer import Trainer
+from safactory.policy.chat import tokenizer_fingerprint
 
 
 class Teacher(Protocol):
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]: ...
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> tuple[Any, ...]:
-    """What must agree between student and teacher: vocabulary and special ids."""
-    if hasattr(tokenizer, "get_vocab"):
-        vocab = tuple(sorted(tokenizer.get_vocab().items()))
-    else:
-        vocab = (getattr(tokenizer, "chars", None), len(tokenizer))
-    return vocab, getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
 
 
 def check_tokenizers(student: Any, teacher: Any) -> None:

@@ -476,3 +476,13 @@ class TemplateChat:
 
 class _NotPrefixStable(Exception):
     """The template's rendering of a longer conversation does not extend the shorter one."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> tuple[Any, ...]:
+    """What two tokenizers must share for token ids to mean the same text: vocabulary and eos."""
+    inner = getattr(tokenizer, "hf", tokenizer)
+    if hasattr(inner, "get_vocab"):
+        vocab: Any = tuple(sorted(inner.get_vocab().items()))
+    else:
+        vocab = (getattr(inner, "chars", None), len(inner))
+    return vocab, getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))

@@ -57,9 +57,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from safactory.data.store import TrajectoryStore
 from safactory.policy.base import Completion, Policy, PolicyError, SamplingParams
-from safactory.policy.chat import PlainTextChat
+from safactory.policy.chat import PlainTextChat, tokenizer_fingerprint
 from safactory.policy.local import LocalPolicy
-from safactory.policy.models import load_model
+from safactory.policy.models import load_policy_model
 from safactory.policy.tokenizer import CharTokenizer
 from safactory.types import (
     Message,
@@ -643,7 +643,7 @@ def create_policy_app(
                     400, f"could not load a model from {body.path!r}: not a directory; version {previous} keeps serving"
                 )
             try:
-                model, tokenizer = await asyncio.wait_for(asyncio.to_thread(load_model, body.path), load_timeout_s)
+                loaded = await asyncio.wait_for(asyncio.to_thread(load_policy_model, body.path), load_timeout_s)
             except TimeoutError:
                 raise APIError(
                     504, f"loading {body.path!r} took over {load_timeout_s} s; version {previous} keeps serving"
@@ -652,9 +652,9 @@ def create_policy_app(
                 raise APIError(
                     400, f"could not load a model from {body.path!r}: {exc}; version {previous} keeps serving"
                 ) from None
-            if tokenizer.chars != policy.chat.tokenizer.chars:
+            if tokenizer_fingerprint(loaded.chat.tokenizer) != tokenizer_fingerprint(policy.chat.tokenizer):
                 raise APIError(400, f"{body.path!r} uses another tokenizer; version {previous} keeps serving")
-            state = model.state_dict()
+            state = loaded.model.state_dict()
             problem = _state_mismatch(policy.model.state_dict(), state)
             if problem:
                 message = f"{body.path!r} does not fit the served model: {problem}; version {previous} keeps serving"
@@ -773,12 +773,11 @@ def serve_policy(
     model_name: str | None = None,
     device: str | None = None,
 ) -> None:
-    """Load a saved model directory, wrap it in a LocalPolicy and serve it until interrupted."""
+    """Load a model (`tiny`, `smollm2` or a saved directory), wrap it in a LocalPolicy and serve it."""
     check_bind(host, token)
-    model, tokenizer = load_model(model_dir)
-    if device is not None:
-        model = model.to(device)
-    policy = LocalPolicy(model, PlainTextChat(tokenizer))
+    loaded = load_policy_model(str(model_dir))
+    model = loaded.model.to(device) if device is not None else loaded.model
+    policy = LocalPolicy(model, loaded.chat)
     app = create_policy_app(policy, model_name=model_name or Path(model_dir).resolve().name, token=token)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
