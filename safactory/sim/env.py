@@ -40,6 +40,38 @@ class Environment(Protocol):
     async def close(self) -> None: ...
 
 
+def draw_tasks(
+    spec: EnvSpec,
+    split: str,
+    n: int,
+    seed: object,
+    propose: Callable[[random.Random], tuple[str, str, Any]],
+    build: Callable[[random.Random, Any, int], Task],
+) -> list[Task]:
+    """`n` distinct tasks of `split`, deterministic by (`seed`, `split`).
+
+    `propose(rng)` draws a candidate as (key, its split, payload); candidates of another
+    split or with a key already drawn are skipped, so splits never share a task. For each
+    accepted one, `build(rng, payload, index)` makes the Task.
+    """
+    if split not in spec.splits:
+        raise ValueError(f"{spec.id} has splits {spec.splits}, not {split!r}")
+    rng = random.Random(f"{seed}:{split}")
+    seen: set[str] = set()
+    out: list[Task] = []
+    for _ in range(200 * n + 1000):
+        if len(out) >= n:
+            break
+        key, candidate_split, payload = propose(rng)
+        if key in seen or candidate_split != split:
+            continue
+        seen.add(key)
+        out.append(build(rng, payload, len(out)))
+    if len(out) < n:
+        raise ValueError(f"cannot draw {n} distinct {split} tasks of {spec.id} from this distribution")
+    return out
+
+
 class TaskSource(Protocol):
     """Deterministic task lists per split."""
 

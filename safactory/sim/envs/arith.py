@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from safactory.policy.base import Completion, SamplingParams
-from safactory.sim.env import EnvSpec, ToolEnvironment, ToolError
+from safactory.sim.env import EnvSpec, ToolEnvironment, ToolError, draw_tasks
 from safactory.types import Message, Task, ToolCall, ToolSpec
 
 ENV_ID = "arith"
@@ -113,33 +113,21 @@ class ArithTasks:
         return "".join(parts)
 
     def tasks(self, split: str, n: int) -> list[Task]:
-        if split not in SPEC.splits:
-            raise ValueError(f"arith has splits {SPEC.splits}, not {split!r}")
-        rng = random.Random(f"{self.seed}:{split}")
-        seen: set[str] = set()
-        out: list[Task] = []
-        attempts = 0
-        while len(out) < n:
-            attempts += 1
-            if attempts > 200 * n + 1000:
-                raise ValueError(f"cannot draw {n} distinct {split} tasks from this distribution")
+        def propose(rng: random.Random) -> tuple[str, str, str]:
             expr = self.expression(rng)
-            if expr in seen or expression_split(expr, self.test_percent) != split:
-                continue
-            seen.add(expr)
+            return expr, expression_split(expr, self.test_percent), expr
+
+        def build(rng: random.Random, expr: str, index: int) -> Task:
             template = rng.choice(_TEMPLATES)
-            prompt = template.format(sym=expr, spaced=_spaced(expr), words=_words(expr))
-            answer = format_number(safe_eval(expr))
-            out.append(
-                Task(
-                    id=f"{ENV_ID}/{split}/{len(out)}",
-                    env_id=ENV_ID,
-                    split=split,
-                    prompt=prompt,
-                    data={"expression": expr, "answer": answer},
-                )
+            return Task(
+                id=f"{ENV_ID}/{split}/{index}",
+                env_id=ENV_ID,
+                split=split,
+                prompt=template.format(sym=expr, spaced=_spaced(expr), words=_words(expr)),
+                data={"expression": expr, "answer": format_number(safe_eval(expr))},
             )
-        return out
+
+        return draw_tasks(SPEC, split, n, self.seed, propose, build)
 
 
 def _tokens(expr: str) -> list[str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safactory.policy.base import Completion, SamplingParams
-from safactory.sim.env import EnvEntry, EnvRegistry, EnvSpec, ToolEnvironment, ToolError
+from safactory.sim.env import EnvEntry, EnvRegistry, EnvSpec, ToolEnvironment, ToolError, draw_tasks
 from safactory.types import Message, StepResult, Task, ToolCall, ToolSpec, canonical_json
 
 ENV_ID = "maze"
@@ -248,26 +248,16 @@ class MazeTasks:
         }
 
     def tasks(self, split: str, n: int) -> list[Task]:
-        if split not in SPEC.splits:
-            raise ValueError(f"maze has splits {SPEC.splits}, not {split!r}")
-        rng = random.Random(f"{self.seed}:{split}")
-        seen: set[str] = set()
-        out: list[Task] = []
-        attempts = 0
-        while len(out) < n:
-            attempts += 1
-            if attempts > 200 * n + 1000:
-                raise ValueError(f"cannot draw {n} distinct {split} mazes from this distribution")
+        def propose(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
             data = self.layout(rng)
             start, goal = _pos(data["start"]), _pos(data["goal"])
             key = canonical_json([data["grid"], data["start"], data["goal"]])
-            if key in seen or layout_split(data["grid"], start, goal, self.test_percent) != split:
-                continue
-            seen.add(key)
-            out.append(
-                Task(id=f"{ENV_ID}/{split}/{len(out)}", env_id=ENV_ID, split=split, prompt=intro(data), data=data)
-            )
-        return out
+            return key, layout_split(data["grid"], start, goal, self.test_percent), data
+
+        def build(rng: random.Random, data: dict[str, Any], index: int) -> Task:
+            return Task(id=f"{ENV_ID}/{split}/{index}", env_id=ENV_ID, split=split, prompt=intro(data), data=data)
+
+        return draw_tasks(SPEC, split, n, self.seed, propose, build)
 
 
 # ---- environment ---------------------------------------------------------------------

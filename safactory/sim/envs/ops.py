@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safactory.policy.base import Completion, SamplingParams
-from safactory.sim.env import EnvEntry, EnvRegistry, EnvSpec, ToolEnvironment, ToolError
+from safactory.sim.env import EnvEntry, EnvRegistry, EnvSpec, ToolEnvironment, ToolError, draw_tasks
 from safactory.types import Message, StepResult, Task, ToolCall, ToolSpec, canonical_json
 
 ENV_ID = "ops"
@@ -277,23 +277,16 @@ class OpsTasks:
             raise ValueError("category weights must be non-negative and not all zero")
 
     def tasks(self, split: str, n: int) -> list[Task]:
-        if split not in SPEC.splits:
-            raise ValueError(f"ops has splits {SPEC.splits}, not {split!r}")
-        rng = random.Random(f"{self.seed}:{split}")
-        seen: set[str] = set()
-        out: list[Task] = []
-        attempts = 0
-        while len(out) < n:
-            attempts += 1
-            if attempts > 200 * n + 1000:
-                raise ValueError(f"cannot draw {n} distinct {split} tasks from this distribution")
+        def propose(rng: random.Random) -> tuple[str, str, tuple[str, dict[str, Any]]]:
             prompt, data = self.draw(rng)
             key = canonical_json({"prompt": prompt, "files": data["files"]})
-            if key in seen or task_split(prompt, data["files"], self.test_percent) != split:
-                continue
-            seen.add(key)
-            out.append(Task(id=f"{ENV_ID}/{split}/{len(out)}", env_id=ENV_ID, split=split, prompt=prompt, data=data))
-        return out
+            return key, task_split(prompt, data["files"], self.test_percent), (prompt, data)
+
+        def build(rng: random.Random, payload: tuple[str, dict[str, Any]], index: int) -> Task:
+            prompt, data = payload
+            return Task(id=f"{ENV_ID}/{split}/{index}", env_id=ENV_ID, split=split, prompt=prompt, data=data)
+
+        return draw_tasks(SPEC, split, n, self.seed, propose, build)
 
     def draw(self, rng: random.Random) -> tuple[str, dict[str, Any]]:
         """One task: its prompt and its private data (the world and what counts as done)."""
