@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -114,12 +114,15 @@ class TokenTrace(BaseModel):
     `prompt_ids` is what the policy was conditioned on, `completion_ids` what it
     sampled, `logprobs` the behaviour log-prob of each sampled token under the
     distribution actually sampled from (logits divided by `temperature`).
+    `policy_version` is the version that sampled the first token; `policy_versions`
+    lists every version the turn touched (several when weights were swapped mid-turn).
     """
 
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float] | None = None
     policy_version: int = 0
+    policy_versions: list[int] = Field(default_factory=list)
     temperature: float = 1.0
     top_p: float = 1.0
     finish_reason: str = "stop"
@@ -173,7 +176,10 @@ class Trajectory(BaseModel):
     prev_hash: str = ""
 
     def policy_versions(self) -> list[int]:
-        return sorted({s.trace.policy_version for s in self.steps if s.trace is not None})
+        """Every policy version that sampled a token of this episode, ascending."""
+        return sorted(
+            {v for s in self.steps if s.trace is not None for v in (s.trace.policy_versions or [s.trace.policy_version])}
+        )
 
     def messages(self) -> list[Message]:
         """The whole conversation: opening messages, then each action and its observation."""

@@ -198,6 +198,7 @@ async def _loop(
                 completion_ids=completion.token_ids,
                 logprobs=completion.logprobs,
                 policy_version=completion.policy_version,
+                policy_versions=completion.policy_versions or [completion.policy_version],
                 temperature=completion.temperature,
                 top_p=completion.top_p,
                 finish_reason=completion.finish_reason,
