@@ -177,9 +177,8 @@ class Trajectory(BaseModel):
 
     def policy_versions(self) -> list[int]:
         """Every policy version that sampled a token of this episode, ascending."""
-        return sorted(
-            {v for s in self.steps if s.trace is not None for v in (s.trace.policy_versions or [s.trace.policy_version])}
-        )
+        traces = [s.trace for s in self.steps if s.trace is not None]
+        return sorted({v for tr in traces for v in (tr.policy_versions or [tr.policy_version])})
 
     def messages(self) -> list[Message]:
         """The whole conversation: opening messages, then each action and its observation."""
