@@ -7,7 +7,7 @@ The resolved configuration and its hash are saved in the run directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +76,15 @@ class RLConfig(_Strict):
     drop_equal_groups: bool = Field(True, description="Skip groups whose rewards are all equal (no signal).")
     eta: int = Field(1, description="Staleness bound: rollouts may run this many versions ahead (0 = synchronous).")
     eval_every: int = Field(50, description="Held-out evaluation every this many steps (0 = only at the end).")
+    objective: Literal["ppo", "decoupled", "opd"] = Field(
+        "ppo",
+        description="ppo: clipped ratio vs the trace's behaviour log-probs (GRPO); decoupled: vs the weights before "
+        "the step, times a capped behaviour weight; opd: on-policy distillation from `teacher`.",
+    )
+    behaviour_cap: float = Field(2.0, description="Cap of the behaviour importance weight (decoupled, opd).")
+    teacher: str | None = Field(None, description="Teacher model directory for objective=opd (same tokenizer).")
+    kl_coef: float = Field(1.0, description="Weight of the per-token reverse KL in opd advantages.")
+    env_weight: float = Field(0.0, description="Weight of the environment's group advantage added in opd.")
 
 
 class RunConfig(_Strict):

@@ -30,10 +30,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from safactory.config import RunConfig, save_config
-from safactory.data.experience import group_batch, sft_sequence
+from safactory.data.experience import TrainSequence, group_batch, sft_sequence
 from safactory.data.integrity import code_version, weights_hash
 from safactory.data.store import TrajectoryStore
 from safactory.data.writer import StoreWriter
+from safactory.evolve.teacher import LocalTeacher, distill
 from safactory.evolve.trainer import Trainer
 from safactory.metrics import MetricsLog
 from safactory.policy.base import SamplingParams
@@ -240,6 +241,13 @@ class Factory:
     async def _rl(self) -> None:
         cfg = self.config.rl
         self.trainer.set_lr(cfg.lr)
+        self.teacher: LocalTeacher | None = None
+        if cfg.objective == "opd":
+            if not cfg.teacher:
+                raise ValueError("rl.objective=opd needs rl.teacher (a saved model directory)")
+            teacher_model, teacher_tok = load_model(cfg.teacher)
+            teacher_model = teacher_model.to(next(self.trainer.model.parameters()).device)
+            self.teacher = LocalTeacher(teacher_model, teacher_tok, self.tokenizer, pad_id=self.tokenizer.pad_id)
         rl_started_s = round(time.time() - self.metrics.start, 3)
         base = self.policy.version
         admission = Admission(cfg.tasks_per_step, cfg.eta, lambda: self.policy.version - base)
@@ -265,10 +273,12 @@ class Factory:
                 id_groups = [await self._next_group(ready, producer) for _ in range(cfg.tasks_per_step)]
                 t1 = time.perf_counter()
                 groups = [self.store.get(ids) for ids in id_groups]
-                batch = group_batch(groups, cfg.normalize_std, cfg.drop_equal_groups)
+                batch = group_batch(
+                    groups, cfg.normalize_std, drop_equal=cfg.drop_equal_groups and cfg.objective != "opd"
+                )
                 stats: dict[str, float] = {"loss": 0.0}
                 if batch.sequences:
-                    stats = await asyncio.to_thread(self.trainer.train_step, batch.sequences, "ppo", cfg.clip_eps)
+                    stats = await asyncio.to_thread(self._rl_update, batch.sequences)
                 trained_version = self.policy.version
                 self.store.mark_consumed([i for ids in id_groups for i in ids], self.trainer.step, consumer=self.run_id)
                 await self._publish()
@@ -287,6 +297,8 @@ class Factory:
                         "train/loss": stats["loss"],
                         "train/clip_frac": stats.get("clip_frac"),
                         "train/approx_kl": stats.get("approx_kl"),
+                        "train/reverse_kl": stats.get("reverse_kl"),
+                        "train/proximal_behaviour_mismatch": stats.get("proximal_behaviour_mismatch"),
                         "train/groups_used": batch.groups_used,
                         "train/groups_dropped": batch.groups_dropped,
                         "train/idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
@@ -313,6 +325,18 @@ class Factory:
             "episodes": self.episodes,
             "trainer_idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
         }
+
+    def _rl_update(self, seqs: list[TrainSequence]) -> dict[str, float]:
+        """One RL optimiser step with the configured objective (runs in a worker thread)."""
+        cfg = self.config.rl
+        extra: dict[str, float] = {}
+        if cfg.objective in ("decoupled", "opd"):
+            self.trainer.fill_proximal(seqs)
+        if cfg.objective == "opd":
+            assert self.teacher is not None
+            extra = distill(seqs, self.teacher.score(seqs), kl_coef=cfg.kl_coef, env_weight=cfg.env_weight)
+        stats = self.trainer.train_step(seqs, cfg.objective, cfg.clip_eps, cfg.behaviour_cap)
+        return {**stats, **extra}
 
     @staticmethod
     async def _next_group(ready: asyncio.Queue[list[str]], producer: asyncio.Task[None]) -> list[str]:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from sqlalchemy import text
 from typer.testing import CliRunner
@@ -87,3 +88,26 @@ def test_bad_override_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["run", "examples/arith.yaml", "--out", str(tmp_path), "--set", "rl.nope=1"])
     assert result.exit_code != 0
     assert "nope" in result.output
+
+
+@pytest.mark.parametrize("objective", ["decoupled", "opd"])
+def test_rl_objectives_run_in_the_loop(tmp_path, objective):
+    from safactory.loop import Factory
+
+    small = [o for o in OVERRIDES if not o.startswith(("rl.steps", "sft."))]
+    teacher_dir = tmp_path / "teacher"
+    Factory(
+        load_config("examples/arith.yaml", small + ["sft.max_steps=3", "sft.demos=16", "rl.enabled=false"]), teacher_dir
+    ).run()
+    extra = [f"model.path={teacher_dir / 'model'}", "sft.enabled=false", "rl.steps=2", f"rl.objective={objective}"]
+    if objective == "opd":
+        extra.append(f"rl.teacher={teacher_dir / 'model'}")
+    out = tmp_path / objective
+    summary = Factory(load_config("examples/arith.yaml", small + extra), out).run()
+    assert summary["phases"]["rl"]["policy_version"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r.get("phase") == "rl"]
+    if objective == "opd":  # the student starts as the teacher: the reverse KL starts at zero
+        assert abs(trained[0]["train/reverse_kl"]) < 1e-4
+    else:
+        assert trained[-1]["train/proximal_behaviour_mismatch"] is not None
