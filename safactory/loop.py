@@ -184,6 +184,7 @@ class Factory:
             "episodes": len(trajs),
             "policy_version": self.policy.version,
             "time_s": round(time.time() - self.metrics.start, 3),
+            "rl_episodes": self.episodes,
         }
         if "@" in phase:  # intermediate evaluations during a phase
             self.summary.setdefault("evals", {})[phase] = row
