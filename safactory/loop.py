@@ -70,7 +70,6 @@ class Factory:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out)
-        random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
         if cfg.model.path:
@@ -87,6 +86,7 @@ class Factory:
         self.store = TrajectoryStore(cfg.store_url) if cfg.store_url else TrajectoryStore.in_dir(self.out)
         self.run_id = f"{cfg.name}-{uuid7()}"
         self.code_version = code_version()
+        self.config_hash = cfg.hash()
         self.store.create_run(self.run_id, cfg.model_dump(mode="json"), self.code_version)
         self.weights_hashes: dict[int, str] = {}
         self._record_version(self.policy.model.state_dict(), parent=None)
@@ -130,7 +130,7 @@ class Factory:
         """Stamped on every trajectory at episode start."""
         version = self.policy.version
         return {
-            "config_hash": self.config.hash(),
+            "config_hash": self.config_hash,
             "code_version": self.code_version,
             "policy_version_at_start": version,
             "weights_hash": self.weights_hashes.get(version, ""),
