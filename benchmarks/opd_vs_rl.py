@@ -3,8 +3,9 @@
 Run: `python benchmarks/opd_vs_rl.py [--rl-steps 100] [--out runs/bench-opd]`. One SFT warm
 start on arith is shared. RL (GRPO, 32 tasks x 8 episodes per step) trains the teacher from
 it, with held-out evaluations every 10 steps. Then, from the same warm start, the student
-learns by OPD from that teacher (32 tasks x 1 episode per step, the teacher scoring the
-student's own tokens), evaluated every 5 steps. Target: 90% of the teacher's final
+learns by OPD from that teacher (32 tasks x 1 episode per step at temperature 0.7, the
+teacher scoring the student's own tokens at the same temperature, lr 1e-4), evaluated
+every 10 steps. A finished teacher run in OUT/rl is reused. Target: 90% of the teacher's final
 held-out success. Last line: `ratio=<RL episodes to target / OPD episodes to target>`
 (target >= 3).
 """
@@ -12,6 +13,7 @@ held-out success. Last line: `ratio=<RL episodes to target / OPD episodes to tar
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from safactory.config import load_config
@@ -31,7 +33,7 @@ def episodes_to(points: list[tuple[int, float]], target: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rl-steps", type=int, default=100)
-    parser.add_argument("--opd-steps", type=int, default=60)
+    parser.add_argument("--opd-steps", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench-opd")
     args = parser.parse_args()
@@ -41,15 +43,19 @@ def main() -> None:
     if not (warm / "model").exists():
         Factory(load_config(base[0], [f"seed={args.seed}", "rl.enabled=false"]), warm).run()
     start = [f"seed={args.seed}", f"model.path={warm / 'model'}", "sft.enabled=false"]
-    teacher = Factory(load_config(base[0], [*start, f"rl.steps={args.rl_steps}", "rl.eval_every=10"]), out / "rl").run()
+    if (out / "rl" / "summary.json").exists():  # reuse a finished teacher run
+        teacher = json.loads((out / "rl" / "summary.json").read_text())
+    else:
+        teacher_cfg = load_config(base[0], [*start, f"rl.steps={args.rl_steps}", "rl.eval_every=10"])
+        teacher = Factory(teacher_cfg, out / "rl").run()
     opd_overrides = [
         *start,
         f"rl.steps={args.opd_steps}",
         "rl.objective=opd",
         f"rl.teacher={out / 'rl' / 'model'}",
         "rl.group_size=1",
-        "rl.temperature=1.0",
-        "rl.eval_every=5",
+        "rl.lr=1e-4",
+        "rl.eval_every=10",
     ]
     student = Factory(load_config(base[0], opd_overrides), out / "opd").run()
     teacher_success = teacher["phases"]["rl"]["success_rate"]
