@@ -46,6 +46,7 @@ def main() -> None:
             f"rl.steps={args.steps}",
             f"rl.eta={eta}",
             "rl.eval_every=10",
+            "rl.warmup_steps=10",  # RL starts with a fresh optimiser here
         ]
         summary = Factory(load_config("examples/arith.yaml", overrides), out / f"eta{eta}").run()
         results[eta] = {"curve": rl_curve(summary), "trainer_idle": summary["rl"]["trainer_idle_fraction"]}

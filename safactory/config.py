@@ -70,6 +70,9 @@ class RLConfig(_Strict):
     tasks_per_step: int = Field(32, description="Groups (tasks) per optimiser step.")
     group_size: int = Field(8, description="Episodes per task (G) for group-relative advantages.")
     lr: float = Field(3e-4, description="AdamW learning rate.")
+    warmup_steps: int = Field(
+        0, description="Linear learning-rate warm-up over the first RL steps (~10 with a fresh optimiser)."
+    )
     clip_eps: float = Field(0.2, description="PPO clip range of the importance ratio.")
     temperature: float = Field(0.7, description="Sampling temperature of rollouts (log-probs are taken under it).")
     normalize_std: bool = Field(True, description="Divide group advantages by the group's reward std.")

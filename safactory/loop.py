@@ -273,6 +273,8 @@ class Factory:
                 t0 = time.perf_counter()
                 id_groups = [await self._next_group(ready, producer) for _ in range(cfg.tasks_per_step)]
                 t1 = time.perf_counter()
+                if cfg.warmup_steps > 0:
+                    self.trainer.set_lr(cfg.lr * min(1.0, step / cfg.warmup_steps))
                 groups = [self.store.get(ids) for ids in id_groups]
                 batch = group_batch(
                     groups, cfg.normalize_std, drop_equal=cfg.drop_equal_groups and cfg.objective != "opd"
