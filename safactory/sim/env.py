@@ -190,7 +190,9 @@ class ToolEnvironment:
         self._final_reward = reward
         self._final_info = info or {}
 
-    async def step(self, action: Message) -> StepResult:
+    def begin_step(self) -> StepResult | None:
+        """Shared start of every step: refuses a step before reset, answers a step after the
+        end with an error result (returned), else counts the turn and returns None."""
         if self.task is None:
             raise RuntimeError("step() called before reset()")
         if self.done:
@@ -200,6 +202,11 @@ class ToolEnvironment:
                 info={"errors": ["step after termination"]},
             )
         self.turn += 1
+        return None
+
+    async def step(self, action: Message) -> StepResult:
+        if (over := self.begin_step()) is not None:
+            return over
         self._final_reward = 0.0
         self._final_info = {}
         errors: list[str] = []

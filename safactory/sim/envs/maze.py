@@ -323,15 +323,8 @@ class MazeEnv(ToolEnvironment):
         return {"success": success, "moves": self.moves, "optimal": self.task.data["optimal"]}
 
     async def step(self, action: Message) -> StepResult:
-        if self.task is None:
-            raise RuntimeError("step() called before reset()")
-        if self.done:
-            return StepResult(
-                messages=[Message(role="user", content="error: episode is over")],
-                terminated=True,
-                info={"errors": ["step after termination"]},
-            )
-        self.turn += 1
+        if (over := self.begin_step()) is not None:
+            return over
         self._turn_moves = 0
         errors: list[str] = []
         messages: list[Message] = []
