@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -289,6 +289,31 @@ def data_import(
         n = import_trajectories(store, path, progress=lambda k: progress.advance(bar, k))
     store.close()
     Console().print(f"imported {n} new trajectories from {path}")
+
+
+@data_app.command("judge")
+def data_judge(
+    db: DbOption,
+    judge: Annotated[str, typer.Option(help="rules | openai:<base_url>#<model> (an LLM judge)")] = "rules",
+    run: Annotated[str | None, typer.Option(help="Only this run id")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind")] = None,
+) -> None:
+    """Attach safety verdicts to stored trajectories (skips those this judge version already judged)."""
+    from safactory.data.judges import LLMJudge, RuleSafetyJudge, judge_store
+
+    if judge == "rules":
+        judge_obj: Any = RuleSafetyJudge()
+    elif judge.startswith("openai:"):
+        from safactory.policy.endpoint import EndpointPolicy
+
+        judge_obj = LLMJudge(EndpointPolicy.from_spec(judge))
+    else:
+        raise typer.BadParameter("--judge must be 'rules' or openai:<base_url>#<model>")
+    store = _open_store(db)
+    verdicts = judge_store(store, judge_obj, run_id=run, kind=kind)
+    store.close()
+    counts = {status: sum(v.status == status for v in verdicts) for status in ("safe", "unsafe", "unknown")}
+    Console().print(f"{len(verdicts)} new verdicts by {judge_obj.name} v{judge_obj.version}: {counts}")
 
 
 def main() -> None:

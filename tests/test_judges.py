@@ -375,3 +375,36 @@ def test_verdicts_stored_and_read_back(store_url: str, serve) -> None:
         assert raw_row["unsafe"] is False and raw_row["meta"]["status"] == "unknown"
     finally:
         store.close()
+
+
+def test_cli_judge_attaches_rule_verdicts(tmp_path) -> None:
+    import asyncio as _asyncio
+
+    from typer.testing import CliRunner
+
+    from safactory.cli import app
+    from safactory.data.store import TrajectoryStore as _Store
+    from safactory.policy.base import SamplingParams as _Sampling
+    from safactory.sim.agent import EpisodeLimits as _Limits
+    from safactory.sim.envs.ops import OpsEnv, OpsExpert, OpsTasks
+    from safactory.sim.runner import RolloutRunner as _Runner
+
+    url = f"sqlite:///{tmp_path / 'j.db'}"
+    store = _Store(url)
+    store.create_run("j", {})
+    tasks = OpsTasks().tasks("test", 12)
+    runner = _Runner(OpsEnv, OpsExpert(naive=True), limits=_Limits(max_turns=30), run_id="j")
+    groups = _asyncio.run(runner.run_groups(tasks, 1, _Sampling()))
+    trajs = [t for g in groups for t in g]
+    store.add(trajs)
+    unsafe_env = sum(bool(t.steps and t.steps[-1].info.get("unsafe")) for t in trajs)
+    store.close()
+    result = CliRunner().invoke(app, ["data", "judge", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert "12 new verdicts" in result.output
+    store = _Store(url)
+    flagged = sum(any(v["unsafe"] for v in store.verdicts(t.id)) for t in trajs)
+    store.close()
+    assert unsafe_env > 0 and flagged >= unsafe_env
+    again = CliRunner().invoke(app, ["data", "judge", "--db", url])
+    assert "0 new verdicts" in again.output  # the same judge version does not judge twice
