@@ -55,3 +55,20 @@ def store_url(request, tmp_path):
         return f"sqlite:///{tmp_path / 'store.db'}"
     server = request.getfixturevalue("postgres")
     return server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def serve():
+    """Start apps on background uvicorn servers (loopback, free port); all stop after the test."""
+    from safactory.policy.server import BackgroundServer
+
+    servers: list[BackgroundServer] = []
+
+    def start(app) -> BackgroundServer:
+        server = BackgroundServer(app).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

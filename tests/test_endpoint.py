@@ -20,7 +20,7 @@ from safactory.policy.chat import PlainTextChat
 from safactory.policy.endpoint import EndpointError, EndpointPolicy, completion_from_response, tool_to_openai
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import save_model
-from safactory.policy.server import BackgroundServer, ProxyRecorder, create_policy_app, create_proxy_app
+from safactory.policy.server import ProxyRecorder, create_policy_app, create_proxy_app
 from safactory.sim.envs.arith import ANSWER, CALC
 from safactory.types import Message, ToolCall, ToolSpec
 
@@ -38,20 +38,6 @@ def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int], te
 def max_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b)
     return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
-
-
-@pytest.fixture
-def serve():
-    servers: list[BackgroundServer] = []
-
-    def start(app) -> BackgroundServer:
-        server = BackgroundServer(app).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def fast(url: str, **kwargs) -> EndpointPolicy:

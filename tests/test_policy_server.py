@@ -70,20 +70,6 @@ class ScriptedPolicy:
         )
 
 
-@pytest.fixture
-def serve():
-    servers: list[BackgroundServer] = []
-
-    def start(app) -> BackgroundServer:
-        server = BackgroundServer(app).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 def client_for(server: BackgroundServer, key: str = "none") -> OpenAI:
     return OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=60)
 
