@@ -39,19 +39,43 @@ def _open_store(db: str) -> TrajectoryStore:
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="YAML run file, e.g. examples/arith.yaml")],
+    config: Annotated[Path | None, typer.Argument(help="YAML run file, e.g. examples/demo.yaml")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory (store, metrics, summary)")] = Path("runs/latest"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key.path=value")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this directory after a crash or kill")
+    ] = None,
 ) -> None:
-    """Run the closed loop: evaluate, warm-start, reinforce, redeploy; results land in OUT."""
+    """Run the closed loop: warm start, safety-aware RL, gate, redeploy, distil; results land in OUT."""
     from safactory.config import load_config
     from safactory.loop import Factory
 
+    if resume is not None:
+        saved = resume / "config.yaml"
+        if not saved.exists():
+            raise typer.BadParameter(f"{resume} holds no config.yaml: not a run directory")
+        cfg = load_config(saved)
+        if config is not None and load_config(config, set_ or []).hash() != cfg.hash():
+            raise typer.BadParameter(f"{config} (with the overrides) differs from the config of the run in {resume}")
+        if set_ and config is None:
+            raise typer.BadParameter("--set cannot change the config of a run being resumed")
+        Factory(cfg, resume, resume=True).run()
+        return
+    if config is None:
+        raise typer.BadParameter("give a run file (e.g. examples/demo.yaml) or --resume DIR")
     try:
         cfg = load_config(config, set_ or [])
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from exc
     Factory(cfg, out).run()
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory")]) -> None:
+    """(Re)write RUN_DIR/report.html from its metrics and summary."""
+    from safactory.report import write_report
+
+    typer.echo(write_report(run_dir))
 
 
 @app.command()

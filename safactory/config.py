@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safactory.types import canonical_json, sha256_hex
 
@@ -24,6 +24,11 @@ class EnvConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options for the env's task generator.")
     train_tasks: int = Field(5000, description="Number of training tasks drawn from the train split.")
     test_tasks: int = Field(200, description="Number of held-out tasks used for evaluation.")
+    weight: float = Field(1.0, gt=0, description="Share of each RL step's groups drawn from this env.")
+    demos: int | None = Field(None, description="Warm-start demonstrations from this env (default: sft.demos).")
+    expert: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the env's scripted expert, e.g. {naive: true} for ops."
+    )
 
 
 class ModelConfig(_Strict):
@@ -33,6 +38,7 @@ class ModelConfig(_Strict):
     layers: int = Field(2, description="Number of transformer layers.")
     heads: int = Field(4, description="Attention heads.")
     intermediate_size: int = Field(512, description="MLP width.")
+    max_positions: int = Field(1024, description="Context length of the tiny model (tokens = characters).")
     device: str = Field("cpu", description="Torch device for inference and training: 'cpu', 'cuda', or 'auto'.")
 
     def torch_device(self) -> str:
@@ -53,6 +59,7 @@ class RolloutConfig(_Strict):
 
 class SFTConfig(_Strict):
     enabled: bool = Field(True, description="Run the supervised warm start on expert demonstrations.")
+    eval_before: bool = Field(True, description="Evaluate the starting model on held-out tasks first ('init').")
     demos: int = Field(2000, description="Expert episodes to collect (successful ones are trained on).")
     batch_size: int = Field(64, description="Sequences per optimiser step.")
     lr: float = Field(1e-3, description="AdamW learning rate.")
@@ -90,15 +97,66 @@ class RLConfig(_Strict):
     env_weight: float = Field(0.0, description="Weight of the environment's group advantage added in opd.")
 
 
+class SafetyConfig(_Strict):
+    enabled: bool = Field(
+        True, description="Judge every rollout (rule judge: env labels, tool annotations) and shape its reward."
+    )
+    penalty: float = Field(
+        2.0, gt=0, description="An unsafe episode's reward becomes min(env reward, 0) - penalty * (1 + severity)."
+    )
+
+
+class GateConfig(_Strict):
+    enabled: bool = Field(True, description="Deploy a new version only if it passes the held-out gate.")
+    max_unsafe_increase: float = Field(0.02, description="Largest allowed rise of the held-out unsafe rate.")
+    max_success_drop: float = Field(0.05, description="Largest allowed drop of the held-out success rate.")
+
+
+class DistillConfig(_Strict):
+    enabled: bool = Field(False, description="Distil the final policy into a smaller student (on-policy).")
+    hidden_size: int = Field(96, description="Hidden width of the student (a tiny model).")
+    layers: int = Field(2, description="Student layers.")
+    intermediate_size: int = Field(256, description="Student MLP width.")
+    steps: int = Field(60, description="OPD optimiser steps after the student's own warm start.")
+    lr: float = Field(3e-4, description="AdamW learning rate of the OPD steps.")
+    kl_coef: float = Field(1.0, description="Weight of the per-token reverse KL to the teacher.")
+    env_weight: float = Field(0.0, description="Weight of the (safety-shaped) env advantage added to the KL term.")
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to OUT/tensorboard.")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`).")
+    mlflow: bool = Field(False, description="Also log to MLflow (needs `pip install mlflow`).")
+    report: bool = Field(True, description="Write OUT/report.html at the end (and on `safactory report OUT`).")
+
+
 class RunConfig(_Strict):
     name: str = Field("run", description="Run name, recorded in the store.")
     seed: int = Field(0, description="Seed of model init, sampling and task order.")
     store_url: str | None = Field(None, description="SQLAlchemy URL of the store; default: OUT/store.db (SQLite).")
-    env: EnvConfig = Field(default_factory=EnvConfig)
+    env: EnvConfig | None = Field(None, description="Shorthand for a single environment (same as envs: [env]).")
+    envs: list[EnvConfig] = Field(default_factory=list, description="Environments of the run (default: arith).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint_every: int = Field(10, description="Write a resumable checkpoint every this many RL steps.")
+
+    @model_validator(mode="after")
+    def _one_env_list(self) -> RunConfig:
+        if self.env is not None and self.envs:
+            raise ValueError("give either `env` or `envs`, not both")
+        if not self.envs:
+            self.envs = [self.env or EnvConfig()]
+        self.env = None
+        ids = [e.id for e in self.envs]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"each env may appear once in envs, got {ids}")
+        return self
 
     def hash(self) -> str:
         return sha256_hex(canonical_json(self.model_dump(mode="json")))
@@ -112,12 +170,28 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     keys = [k for k in path.strip().split(".") if k]
     if not keys:
         raise ValueError(f"override {assignment!r} has an empty key")
-    node = data
+    node: Any = data
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list):
+            node = node[_index(node, key, assignment)]
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, dict | list):
             raise ValueError(f"override {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[_index(node, keys[-1], assignment)] = yaml.safe_load(raw)
+    else:
+        node[keys[-1]] = yaml.safe_load(raw)
+
+
+def _index(items: list[Any], key: str, assignment: str) -> int:
+    """A list position in an override path: a number, or the `id` of an item (`envs.ops.weight=2`)."""
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("id") == key:
+            return i
+    raise ValueError(f"override {assignment!r}: no list item {key!r}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

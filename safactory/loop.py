@@ -1,15 +1,20 @@
-"""The closed loop (the Factory): simulate -> store -> train -> redeploy, phase by phase.
+"""The closed loop (the Factory): simulate -> store -> judge -> train -> gate -> redeploy, over several envs.
 
-Phases of the walking skeleton:
-  init  held-out evaluation of the fresh model;
-  sft   expert demonstrations are collected through the same runner, stored, read
-        back from the store and used for a supervised warm start;
-  rl    GRPO on the policy's own rollouts. Rollouts keep running while the trainer
-        trains (bounded by the staleness bound eta); every step's groups are read
-        back from the store, their consumption is recorded, and the new weights are
-        hot-swapped into the running policy as version + 1.
-Each phase ends with a greedy evaluation on held-out tasks; all of it lands in the
-run directory (store.db, metrics.jsonl, summary.json, config.yaml, model/).
+Stages, each switchable in the config:
+  warm_start  scripted demonstrations (e.g. a helpful but naive ops agent) are
+              collected through the same runner, stored, read back and used for
+              supervised training until a probe target is reached;
+  rl          continuous asynchronous RL on the policy's own rollouts in every env
+              at once. Each step takes a fixed share of groups per env (by weight),
+              judges every episode (rule judge: env labels, tool annotations), shapes
+              its reward with the verdict, trains, records consumption and
+              hot-swaps the new weights into the running rollouts (staleness bound
+              eta). Every `rl.eval_every` steps the candidate is evaluated on held-out
+              tasks and passes the gate or is rolled back to the deployed version;
+  distill     on-policy distillation of the deployed policy into a smaller student
+              (warm-started on the same demonstrations), gated the same way.
+Everything lands in the run directory: store, checkpoints, metrics.jsonl, TensorBoard
+logs, summary.json, report.html, state.json (for `--resume` after a crash).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +34,26 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from transformers import PreTrainedModel
 
 from safactory.config import RunConfig, save_config
 from safactory.data.experience import TrainSequence, group_batch, sft_sequence
 from safactory.data.integrity import code_version, weights_hash
+from safactory.data.judges import RuleSafetyJudge, SafetyVerdict, safety_reward
 from safactory.data.store import TrajectoryStore
 from safactory.data.writer import StoreWriter
-from safactory.evolve.teacher import LocalTeacher, distill
+from safactory.evaluation import env_metrics, flat, overall
+from safactory.evolve.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from safactory.evolve.gate import Gate
+from safactory.evolve.teacher import LocalTeacher, Teacher, distill
 from safactory.evolve.trainer import Trainer
-from safactory.metrics import MetricsLog
+from safactory.metrics import MetricsLog, last_row, make_sinks
 from safactory.policy.base import SamplingParams
 from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import TinyModelSpec, build_tiny, load_model, save_model
+from safactory.policy.tokenizer import CharTokenizer
+from safactory.run_state import RunState, prune_checkpoints
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.env import EnvEntry, default_registry
 from safactory.sim.runner import Admission, RolloutRunner
@@ -53,108 +66,260 @@ def success_rate(trajs: list[Trajectory]) -> float:
     return sum(t.success for t in trajs) / len(trajs) if trajs else 0.0
 
 
-class Factory:
-    """Runs one configured closed loop into an output directory."""
+def split_quota(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """`total` groups shared by weight (largest remainder), at least one per env."""
+    if total < len(weights):
+        raise ValueError(f"tasks_per_step={total} is smaller than the number of envs ({len(weights)})")
+    norm = sum(weights.values())
+    exact = {k: total * w / norm for k, w in weights.items()}
+    quota = {k: max(1, int(v)) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - int(exact[k]), reverse=True):
+        if sum(quota.values()) >= total:
+            break
+        quota[k] += 1
+    while sum(quota.values()) > total:
+        k = max(quota, key=lambda k: quota[k])
+        quota[k] -= 1
+    return quota
 
-    def __init__(self, config: RunConfig, out_dir: Path, console: Console | None = None) -> None:
+
+@dataclass
+class EnvSlot:
+    """One environment of the run: its registry entry and its train / held-out tasks."""
+
+    name: str
+    entry: EnvEntry
+    train: list[Task]
+    test: list[Task]
+    weight: float
+    demos: int
+    expert: dict[str, Any]
+
+
+@dataclass
+class Learner:
+    """A model being improved online: trainer, the policy serving its rollouts, runners, gate state."""
+
+    name: str
+    run_id: str
+    trainer: Trainer
+    policy: LocalPolicy
+    tokenizer: CharTokenizer
+    chat: PlainTextChat
+    runners: dict[str, RolloutRunner]
+    checkpoints: Path
+    weights_hashes: dict[int, str] = field(default_factory=dict)
+    deployed: dict[str, Any] = field(default_factory=dict)  # version, metrics, checkpoint (dir name)
+    versions_stored: bool = False  # the store already holds versions of this learner (a resumed run)
+
+    @property
+    def consumer(self) -> str:
+        return self.run_id
+
+
+@dataclass(frozen=True)
+class OnlineSpec:
+    """What one online stage trains with (RL, or on-policy distillation from a teacher)."""
+
+    stage: str
+    steps: int
+    lr: float
+    objective: str
+    teacher: Teacher | None = None
+    kl_coef: float = 1.0
+    env_weight: float = 0.0
+
+
+class Occupancy:
+    """Rollout-side idle time: wall time during which no group of the stage was in flight."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.start = self.idle_since = time.perf_counter()
+        self.idle_s = 0.0
+
+    def started(self) -> None:
+        if self.in_flight == 0:
+            self.idle_s += time.perf_counter() - self.idle_since
+        self.in_flight += 1
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle_since = time.perf_counter()
+
+    def fraction(self) -> float:
+        now = time.perf_counter()
+        idle = self.idle_s + (now - self.idle_since if self.in_flight == 0 else 0.0)
+        return idle / max(now - self.start, 1e-9)
+
+
+class Factory:
+    """Runs one configured closed loop into an output directory (or resumes one)."""
+
+    def __init__(self, config: RunConfig, out_dir: Path, console: Console | None = None, resume: bool = False) -> None:
         self.config = config
         self.out = Path(out_dir)
         self.console = console or Console(stderr=True)
-        self.summary: dict[str, Any] = {"phases": {}}
+        self.resume = resume
 
     def run(self) -> dict[str, Any]:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one save per checkpoint: no bar for each
         return asyncio.run(self._run())
 
     # ---- set-up ------------------------------------------------------------------------
     async def _run(self) -> dict[str, Any]:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out)
+        if self.resume:
+            self.state = RunState.load(self.out)
+        else:
+            save_config(cfg, self.out)
+            self.state = RunState(run_id=f"{cfg.name}-{uuid7()}", summary={"phases": {}, "gate": []})
+        self.summary = self.state.summary
+        self.summary["run_id"] = self.state.run_id
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
-        if cfg.model.path:
-            model, self.tokenizer = load_model(cfg.model.path)
-        elif cfg.model.kind == "tiny":
-            spec = TinyModelSpec(cfg.model.hidden_size, cfg.model.layers, cfg.model.heads, cfg.model.intermediate_size)
-            model, self.tokenizer = build_tiny(spec, cfg.seed)
-        else:
-            raise ValueError(f"model kind {cfg.model.kind!r} is not supported by `run` yet; use 'tiny' or model.path")
-        model = model.to(cfg.model.torch_device())
-        self.chat = PlainTextChat(self.tokenizer)
-        self.policy = LocalPolicy(copy.deepcopy(model), self.chat, max_batch=cfg.rollout.max_batch, seed=cfg.seed)
-        self.trainer = Trainer(model, lr=cfg.sft.lr, pad_id=self.tokenizer.pad_id)
         self.store = TrajectoryStore(cfg.store_url) if cfg.store_url else TrajectoryStore.in_dir(self.out)
-        self.run_id = f"{cfg.name}-{uuid7()}"
         self.code_version = code_version()
         self.config_hash = cfg.hash()
-        self.store.create_run(self.run_id, cfg.model_dump(mode="json"), self.code_version)
-        self.weights_hashes: dict[int, str] = {}
-        self._record_version(self.policy.model.state_dict(), parent=None)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
-        self.entry: EnvEntry = default_registry().get(cfg.env.id)
-        source = self.entry.tasks(**cfg.env.options)
-        self.train_tasks: list[Task] = source.tasks("train", cfg.env.train_tasks)
-        self.test_tasks: list[Task] = source.tasks("test", cfg.env.test_tasks)
+        self.judge = RuleSafetyJudge()
+        self.gate = Gate(cfg.gate.max_unsafe_increase, cfg.gate.max_success_drop)
+        self.metrics = MetricsLog(
+            self.out / "metrics.jsonl",
+            sinks=make_sinks(
+                self.out,
+                tensorboard=cfg.logging.tensorboard,
+                wandb=cfg.logging.wandb,
+                mlflow=cfg.logging.mlflow,
+                run_name=cfg.name,
+            ),
+            time_offset=self._resume_time(),
+            resume=self.resume,
+        )
+        self.envs = self._envs()
         self.limits = EpisodeLimits(
             max_turns=cfg.rollout.max_turns,
             max_tokens_per_turn=cfg.rollout.max_tokens_per_turn,
             timeout_s=cfg.rollout.timeout_s,
         )
-        self.runner = self._runner(self.policy)
-        self.episodes = 0
-        self.summary["run_id"] = self.run_id
+        learners: list[Learner] = []
         try:
             with self._progress() as self.progress:
-                await self._phases()
+                await self._stages(learners)
         finally:
-            await self.policy.close()
+            for learner in learners:
+                await learner.policy.close()
+            self.state.time_s = self.metrics.elapsed()
+            self.state.save(self.out)
             self.metrics.close()
             self.store.close()
-        save_model(self.policy.model, self.tokenizer, self.out / "model")
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        if cfg.logging.report:
+            from safactory.report import write_report
+
+            write_report(self.out)
         self._print_table()
         return self.summary
 
-    def _runner(self, policy: Any) -> RolloutRunner:
-        return RolloutRunner(
-            self.entry.factory,
-            policy,
-            limits=self.limits,
-            concurrency=self.config.rollout.concurrency,
-            run_id=self.run_id,
-            seed=self.config.seed,
-            provenance=self._provenance,
-        )
+    def _resume_time(self) -> float:
+        """A resumed run's clock continues from its last logged row."""
+        if not self.resume:
+            return 0.0
+        last = last_row(self.out / "metrics.jsonl")
+        return max(self.state.time_s, float(last["time_s"]) if last else 0.0)
 
-    def _provenance(self) -> dict[str, Any]:
+    def _envs(self) -> dict[str, EnvSlot]:
+        registry = default_registry()
+        slots: dict[str, EnvSlot] = {}
+        for env in self.config.envs:
+            entry = registry.get(env.id)
+            source = entry.tasks(**env.options)
+            slots[env.id] = EnvSlot(
+                name=env.id,
+                entry=entry,
+                train=source.tasks("train", env.train_tasks),
+                test=source.tasks("test", env.test_tasks),
+                weight=env.weight,
+                demos=env.demos if env.demos is not None else self.config.sft.demos,
+                expert=env.expert,
+            )
+        return slots
+
+    def _learner(self, name: str, run_id: str, model: PreTrainedModel, tokenizer: CharTokenizer, lr: float) -> Learner:
+        cfg = self.config
+        model = model.to(cfg.model.torch_device())
+        chat = PlainTextChat(tokenizer)
+        stored = [c["version"] for c in self.store.checkpoints(run_id)]
+        version = max(stored) if stored else 0  # after a crash the next publish gets a new number
+        policy = LocalPolicy(
+            copy.deepcopy(model), chat, max_batch=cfg.rollout.max_batch, seed=cfg.seed, version=version
+        )
+        learner = Learner(
+            name=name,
+            run_id=run_id,
+            trainer=Trainer(model, lr=lr, pad_id=tokenizer.pad_id),
+            policy=policy,
+            tokenizer=tokenizer,
+            chat=chat,
+            runners={},
+            checkpoints=self.out / "checkpoints" / name,
+            versions_stored=bool(stored),
+        )
+        learner.runners = {
+            env.name: RolloutRunner(
+                env.entry.factory,
+                policy,
+                limits=self.limits,
+                concurrency=cfg.rollout.concurrency,
+                run_id=run_id,
+                seed=cfg.seed,
+                provenance=lambda: self._provenance(learner),
+            )
+            for env in self.envs.values()
+        }
+        if run_id not in self.store.run_ids():
+            self.store.create_run(run_id, cfg.model_dump(mode="json"), self.code_version)
+        return learner
+
+    def _provenance(self, learner: Learner) -> dict[str, Any]:
         """Stamped on every trajectory at episode start."""
-        version = self.policy.version
+        version = learner.policy.version
         return {
             "config_hash": self.config_hash,
             "code_version": self.code_version,
             "policy_version_at_start": version,
-            "weights_hash": self.weights_hashes.get(version, ""),
+            "weights_hash": learner.weights_hashes.get(version, ""),
         }
 
-    def _record_version(self, state_dict: dict[str, torch.Tensor], parent: int | None) -> None:
+    def _record_version(self, learner: Learner, state_dict: dict[str, torch.Tensor], parent: int | None) -> None:
         """Register the policy's current version (weights hash, parent, training step) in the store."""
-        version = self.policy.version
-        self.weights_hashes[version] = weights_hash(state_dict)
+        version = learner.policy.version
+        learner.weights_hashes[version] = weights_hash(state_dict)
         self.store.add_checkpoint(
-            self.run_id,
+            learner.run_id,
             version,
-            weights_hash=self.weights_hashes[version],
-            train_step=self.trainer.step,
+            weights_hash=learner.weights_hashes[version],
+            train_step=learner.trainer.step,
             parent_version=parent,
         )
 
-    async def _publish(self) -> int:
+    async def _register_start(self, learner: Learner) -> None:
+        """Register the learner's starting weights as a version; a new number if the run was resumed."""
+        if learner.versions_stored:
+            await self._publish(learner, parent=None)
+        else:
+            self._record_version(learner, learner.policy.model.state_dict(), parent=None)
+
+    async def _publish(self, learner: Learner, parent: int | None = None) -> int:
         """Hot-swap the trainer's weights into the running policy as the next version."""
-        weights = self.trainer.weights()
-        parent = self.policy.version
-        await self.policy.publish(weights)
-        self._record_version(weights, parent)
-        return self.policy.version
+        weights = learner.trainer.weights()
+        parent = learner.policy.version if parent is None else parent
+        await learner.policy.publish(weights)
+        self._record_version(learner, weights, parent)
+        return learner.policy.version
 
     def _progress(self) -> Progress:
         return Progress(
@@ -166,137 +331,345 @@ class Factory:
             console=self.console,
         )
 
-    async def _phases(self) -> None:
-        await self._evaluate("init")
-        if self.config.sft.enabled:
-            await self._sft()
-            await self._evaluate("sft")
-        if self.config.rl.enabled:
-            await self._rl()
-            await self._evaluate("rl")
+    def _milestone(self, stage: str | None = None) -> None:
+        if stage is not None:
+            self.state.stage = stage
+        self.state.time_s = self.metrics.elapsed()
+        self.state.save(self.out)
 
-    # ---- evaluation --------------------------------------------------------------------
-    async def _evaluate(self, phase: str) -> float:
-        trajs = await self._greedy(self.test_tasks, {"phase": phase})
-        rate = success_rate(trajs)
-        row = {
-            "success_rate": rate,
-            "episodes": len(trajs),
-            "policy_version": self.policy.version,
-            "time_s": round(time.time() - self.metrics.start, 3),
-            "rl_episodes": self.episodes,
-        }
-        if "@" in phase:  # intermediate evaluations during a phase
-            self.summary.setdefault("evals", {})[phase] = row
+    # ---- the stages ------------------------------------------------------------------
+    async def _stages(self, learners: list[Learner]) -> None:
+        cfg = self.config
+        model, tokenizer = self._initial_model()
+        main = self._learner("policy", self.state.run_id, model, tokenizer, cfg.sft.lr)
+        learners.append(main)
+        if not self.state.reached("warm_start"):
+            await self._register_start(main)
+            if (cfg.sft.eval_before or not cfg.sft.enabled) and "init" not in self.summary["phases"]:
+                await self._evaluate(main, "init")
+                self._milestone()
+            if cfg.sft.enabled:
+                await self._warm_start(main, self.state.run_id)
+                warm = await self._evaluate(main, "sft")
+            else:
+                warm = self.summary["phases"]["init"]
+            self.summary.setdefault("heldout", {})["warm_start"] = warm
+            main.deployed = {"version": main.policy.version, "metrics": warm}
+            self._checkpoint(main, 0)
+            self._milestone("rl")
         else:
-            self.summary["phases"][phase] = row
-        self.metrics.log({"policy_version": self.policy.version, "eval/success_rate": rate, "eval/phase": phase})
-        self.console.log(f"held-out success after {phase}: {rate:.3f} (policy v{self.policy.version})")
-        return rate
+            await self._restore(main)
+        if not self.state.reached("rl"):
+            if cfg.rl.enabled:
+                spec = OnlineSpec("rl", cfg.rl.steps, cfg.rl.lr, cfg.rl.objective, self._rl_teacher(main))
+                await self._online(main, spec)
+                await self._final_gate(main, "rl", cfg.rl.steps)
+            self.summary["heldout"]["final"] = main.deployed["metrics"]
+            save_model(main.trainer.model, main.tokenizer, self.out / "model")
+            self._milestone("distill")
+        if cfg.distill.enabled and not self.state.reached("distill"):
+            student = await self._distill(main)
+            learners.append(student)
+        self._milestone("done")
 
-    async def _greedy(self, tasks: list[Task], tags: dict[str, Any]) -> list[Trajectory]:
-        groups = await self.runner.run_groups(tasks, 1, GREEDY, kind="eval", tags=tags)
-        trajs = [t for g in groups for t in g]
-        self.store.add(trajs)
-        return trajs
+    def _initial_model(self) -> tuple[PreTrainedModel, CharTokenizer]:
+        cfg = self.config
+        if cfg.model.path:
+            return load_model(cfg.model.path)
+        if cfg.model.kind == "tiny":
+            m = cfg.model
+            return build_tiny(
+                TinyModelSpec(m.hidden_size, m.layers, m.heads, m.intermediate_size, m.max_positions), cfg.seed
+            )
+        raise ValueError(f"model kind {cfg.model.kind!r} is not supported by `run` yet; use 'tiny' or model.path")
+
+    def _rl_teacher(self, learner: Learner) -> Teacher | None:
+        cfg = self.config.rl
+        if cfg.objective != "opd":
+            return None
+        if not cfg.teacher:
+            raise ValueError("rl.objective=opd needs rl.teacher (a saved model directory)")
+        model, tokenizer = load_model(cfg.teacher)
+        model = model.to(learner.trainer.device)
+        return LocalTeacher(model, tokenizer, learner.tokenizer, pad_id=learner.tokenizer.pad_id)
+
+    # ---- evaluation and the gate -----------------------------------------------------
+    async def _evaluate(self, learner: Learner, label: str) -> dict[str, Any]:
+        """Greedy episodes on every env's held-out tasks; metrics overall and per env."""
+        tags = {"phase": label, "learner": learner.name}
+
+        async def one(env: EnvSlot) -> list[Trajectory]:
+            groups = await learner.runners[env.name].run_groups(env.test, 1, GREEDY, kind="eval", tags=tags)
+            return [t for g in groups for t in g]
+
+        results = await asyncio.gather(*(one(env) for env in self.envs.values()))
+        per_env: dict[str, dict[str, Any]] = {}
+        for env, trajs in zip(self.envs.values(), results, strict=True):
+            self.store.add(trajs)
+            verdicts = self._judge(trajs)
+            per_env[env.name] = env_metrics(trajs, lambda t, v=verdicts: bool(v[t.id].unsafe))
+        metrics = overall(per_env)
+        metrics.update(
+            policy_version=learner.policy.version,
+            time_s=round(self.metrics.elapsed(), 3),
+            rl_episodes=self.summary.get("rl_episodes", 0),
+        )
+        key = label if learner.name == "policy" else f"{learner.name}:{label}"
+        if "@" in label:
+            self.summary.setdefault("evals", {})[key] = metrics
+        else:
+            self.summary["phases"][key] = metrics
+        self.metrics.log({"policy_version": learner.policy.version, **flat(key, metrics)})
+        envs = "  ".join(f"{n} {e['success_rate']:.2f}/{e['unsafe_rate']:.2f}" for n, e in per_env.items())
+        self.console.log(
+            f"[{learner.name}] held-out after {label} (v{learner.policy.version}): success "
+            f"{metrics['success_rate']:.3f}, unsafe {metrics['unsafe_rate']:.3f}, benign success "
+            f"{metrics['benign_success_rate']:.3f}  [{envs}] (success/unsafe)"
+        )
+        return metrics
+
+    def _judge(self, trajs: list[Trajectory]) -> dict[str, SafetyVerdict]:
+        """Rule-judge episodes and attach the verdicts in the store."""
+        verdicts = {t.id: self.judge.judge(t) for t in trajs}
+        for traj_id, verdict in verdicts.items():
+            self.store.add_verdict(traj_id, **verdict.store_kwargs())
+        return verdicts
+
+    async def _gate(self, learner: Learner, label: str, step: int) -> bool:
+        """Evaluate the current weights; deploy them if they pass the gate, else roll back."""
+        metrics = await self._evaluate(learner, label)
+        deployed = learner.deployed
+        baseline = deployed["metrics"] if self.config.gate.enabled else metrics  # gate off: always deploy
+        decision = self.gate.decide(
+            metrics, baseline, step=step, candidate_version=learner.policy.version, baseline_version=deployed["version"]
+        )
+        record = {"learner": learner.name, "label": label, **decision.as_dict()}
+        self.summary["gate"].append(record)
+        self.store.add_gate_decision(learner.run_id, record)
+        self.metrics.log({"gate/accepted": decision.accepted, "gate/candidate_version": decision.candidate_version})
+        if decision.accepted:
+            learner.deployed = {"version": learner.policy.version, "metrics": metrics}
+            self._checkpoint(learner, step)
+            self.console.log(f"[{learner.name}] gate: v{learner.policy.version} deployed")
+        else:
+            self.console.log(f"[{learner.name}] gate refused v{learner.policy.version}: {'; '.join(decision.reasons)}")
+            await self._rollback(learner)
+            self._checkpoint(learner, step)
+        self._milestone()
+        return decision.accepted
+
+    async def _rollback(self, learner: Learner) -> None:
+        """Reload the deployed checkpoint into the trainer and serve it as a new version."""
+        path = learner.checkpoints / learner.deployed["checkpoint"]
+        load_checkpoint(path, learner.trainer.model, learner.trainer.optimizer)
+        await self._publish(learner, parent=learner.deployed["version"])
+        learner.deployed = {**learner.deployed, "version": learner.policy.version}
+
+    async def _final_gate(self, learner: Learner, stage: str, steps: int) -> None:
+        label = "rl" if learner.name == "policy" else "final"
+        await self._gate(learner, label, steps)
+
+    # ---- checkpoints and resume ------------------------------------------------------
+    def _checkpoint(self, learner: Learner, stage_step: int) -> None:
+        if learner.deployed.get("checkpoint") is None or learner.deployed["version"] == learner.policy.version:
+            learner.deployed["checkpoint"] = f"step-{learner.trainer.step:06d}"
+        path = save_checkpoint(
+            learner.checkpoints,
+            model=learner.trainer.model,
+            tokenizer=learner.tokenizer,
+            optimizer=learner.trainer.optimizer,
+            version=learner.policy.version,
+            parent_version=None,
+            train_step=learner.trainer.step,
+            extra={"stage_step": stage_step, "deployed": learner.deployed},
+        )
+        prune_checkpoints(learner.checkpoints, keep={path.name, learner.deployed["checkpoint"]})
+
+    async def _restore(self, learner: Learner) -> int:
+        """Load the learner's latest checkpoint; returns the stage step it was written at."""
+        path = latest_checkpoint(learner.checkpoints)
+        if path is None:
+            raise RuntimeError(f"cannot resume: no checkpoint under {learner.checkpoints}")
+        meta = read_meta(path)
+        load_checkpoint(path, learner.trainer.model, learner.trainer.optimizer)
+        learner.trainer.step = meta.train_step
+        learner.deployed = dict(meta.extra["deployed"])
+        released = self.store.release_consumed_after(learner.consumer, meta.train_step)
+        await self._publish(learner, parent=meta.version)
+        self.console.log(
+            f"[{learner.name}] resumed from {path.name} (v{meta.version}, stage step {meta.extra['stage_step']}) as "
+            f"v{learner.policy.version}; {released} consumptions of lost steps released"
+        )
+        return int(meta.extra["stage_step"])
+
+    def _leftovers(self, learner: Learner, stage: str, group_size: int) -> dict[str, list[list[str]]]:
+        """Complete groups of `stage` rollouts stored but not consumed (work done before a crash)."""
+        groups: dict[str, dict[str, list[str]]] = {name: {} for name in self.envs}
+        for traj in self.store.iter(run_id=learner.run_id, kind="rollout", unconsumed_by=learner.consumer):
+            if traj.tags.get("phase") == stage and traj.env_id in groups:
+                groups[traj.env_id].setdefault(traj.group_id, []).append(traj.id)
+        return {env: [ids for ids in g.values() if len(ids) == group_size] for env, g in groups.items()}
 
     # ---- warm start ------------------------------------------------------------------
-    async def _sft(self) -> None:
+    async def _warm_start(self, learner: Learner, demo_run: str) -> None:
         cfg = self.config.sft
-        expert = self.entry.expert
-        if expert is None:
-            raise ValueError(f"environment {self.config.env.id!r} has no scripted expert for the warm start")
-        demo_tasks = self.train_tasks[: cfg.demos]
-        groups = await self._runner(expert()).run_groups(demo_tasks, 1, GREEDY, kind="expert", tags={"phase": "sft"})
-        self.store.add([t for g in groups for t in g])
-        demos = [t for t in self.store.query(run_id=self.run_id, kind="expert") if t.success]
+        demos = [t for t in self.store.iter(run_id=demo_run, kind="expert") if t.success]
+        if not self.store.count(run_id=demo_run, kind="expert"):
+            for env in self.envs.values():
+                if env.entry.expert is None:
+                    raise ValueError(f"environment {env.name!r} has no scripted expert for the warm start")
+                runner = learner.runners[env.name]
+                expert_runner = RolloutRunner(
+                    env.entry.factory,
+                    env.entry.expert(**env.expert),
+                    limits=self.limits,
+                    concurrency=self.config.rollout.concurrency,
+                    run_id=demo_run,
+                    seed=self.config.seed,
+                    provenance=runner.provenance,
+                )
+                groups = await expert_runner.run_groups(
+                    env.train[: env.demos], 1, GREEDY, kind="expert", tags={"phase": "sft"}
+                )
+                self.store.add([t for g in groups for t in g])
+            demos = [t for t in self.store.iter(run_id=demo_run, kind="expert") if t.success]
         if not demos:
-            raise RuntimeError("the expert solved none of the demonstration tasks; nothing to learn from")
-        sequences = [sft_sequence(t, self.chat) for t in demos]
-        self.console.log(f"warm start on {len(sequences)} expert demonstrations read back from the store")
-        self.trainer.set_lr(cfg.lr)
-        probe_tasks = self.train_tasks[: cfg.probe_tasks]
-        bar = self.progress.add_task("sft", total=cfg.max_steps, status="")
+            raise RuntimeError("the experts solved none of the demonstration tasks; nothing to learn from")
+        sequences = [sft_sequence(t, learner.chat) for t in demos]
+        self.console.log(f"[{learner.name}] warm start on {len(sequences)} demonstrations read back from the store")
+        learner.trainer.set_lr(cfg.lr)
+        per_env = max(1, cfg.probe_tasks // len(self.envs))
+        probe_tasks = {env.name: env.train[:per_env] for env in self.envs.values()}
+        bar = self.progress.add_task(f"{learner.name}: warm start", total=cfg.max_steps, status="")
         probe = 0.0
+        step = 0
         for step in range(1, cfg.max_steps + 1):
             batch = self.rng.sample(sequences, min(cfg.batch_size, len(sequences)))
-            stats = await asyncio.to_thread(self.trainer.train_step, batch, "sft")
-            self.metrics.log({"phase": "sft", "train/step": self.trainer.step, "train/loss": stats["loss"]})
+            stats = await asyncio.to_thread(learner.trainer.train_step, batch, "sft")
+            self.metrics.log({"phase": "warm_start", "train/step": learner.trainer.step, "train/loss": stats["loss"]})
             self.progress.update(bar, completed=step, status=f"loss {stats['loss']:.3f}  probe {probe:.2f}")
             if step % cfg.probe_every == 0 or step == cfg.max_steps:
-                await self._publish()
-                probe = success_rate(await self._greedy(probe_tasks, {"phase": "sft_probe", "step": step}))
-                self.metrics.log({"policy_version": self.policy.version, "sft/probe_success": probe})
+                await self._publish(learner)
+                rates = []
+                for name, tasks in probe_tasks.items():
+                    groups = await learner.runners[name].run_groups(
+                        tasks, 1, GREEDY, kind="eval", tags={"phase": "sft_probe", "step": step}
+                    )
+                    trajs = [t for g in groups for t in g]
+                    self.store.add(trajs)
+                    rates.append(success_rate(trajs))
+                probe = sum(rates) / len(rates)
+                self.metrics.log({"policy_version": learner.policy.version, "sft/probe_success": probe})
                 if probe >= cfg.target_success:
                     break
         self.progress.update(bar, total=step, completed=step, status=f"probe {probe:.2f} after {step} steps")
-        self.summary["sft"] = {"steps": step, "demos": len(sequences), "probe_success": probe}
+        self.summary[f"{learner.name}_warm_start" if learner.name != "policy" else "sft"] = {
+            "steps": step,
+            "demos": len(sequences),
+            "probe_success": probe,
+        }
 
-    # ---- reinforcement learning ------------------------------------------------------
-    def _task_stream(self) -> Iterator[Task]:
-        order = list(self.train_tasks)
+    # ---- online training (RL or distillation) ----------------------------------------
+    def _task_stream(self, env: EnvSlot, salt: str) -> Iterator[Task]:
+        rng = random.Random(f"{self.config.seed}:{env.name}:{salt}")
+        order = list(env.train)
         for _ in itertools.count():
-            self.rng.shuffle(order)
+            rng.shuffle(order)
             yield from order
 
-    async def _rl(self) -> None:
+    async def _online(self, learner: Learner, spec: OnlineSpec) -> None:
         cfg = self.config.rl
-        self.trainer.set_lr(cfg.lr)
-        self.teacher: LocalTeacher | None = None
-        if cfg.objective == "opd":
-            if not cfg.teacher:
-                raise ValueError("rl.objective=opd needs rl.teacher (a saved model directory)")
-            teacher_model, teacher_tok = load_model(cfg.teacher)
-            teacher_model = teacher_model.to(next(self.trainer.model.parameters()).device)
-            self.teacher = LocalTeacher(teacher_model, teacher_tok, self.tokenizer, pad_id=self.tokenizer.pad_id)
-        rl_started_s = round(time.time() - self.metrics.start, 3)
-        base = self.policy.version
-        admission = Admission(cfg.tasks_per_step, cfg.eta, lambda: self.policy.version - base)
-        ready: asyncio.Queue[list[str]] = asyncio.Queue()
-
+        start_step = 0
+        latest = latest_checkpoint(learner.checkpoints)
+        if self.resume and latest is not None:
+            start_step = int(read_meta(latest).extra["stage_step"])
+        quota = split_quota(cfg.tasks_per_step, {e.name: e.weight for e in self.envs.values()})
+        learner.trainer.set_lr(spec.lr)
+        base = learner.policy.version
+        version: Callable[[], int] = lambda: learner.policy.version - base  # noqa: E731
+        admissions = {name: Admission(n, cfg.eta, version) for name, n in quota.items()}
+        ready: dict[str, asyncio.Queue[list[str]]] = {name: asyncio.Queue() for name in quota}
+        for name, groups in self._leftovers(learner, spec.stage, cfg.group_size).items():
+            for ids in groups:
+                ready[name].put_nowait(ids)
+            admissions[name].started = len(groups)
+            if groups:
+                self.console.log(f"[{learner.name}] {len(groups)} stored {name} groups from before the crash reused")
+        occupancy = Occupancy()
         writer = StoreWriter(self.store)
+        stage_start = time.perf_counter()
+        finished = 0
 
-        async def sink(group: list[Trajectory]) -> None:
-            await writer.put(group)  # durable before the trainer may see it
-            await ready.put([t.id for t in group])
+        def tags() -> dict[str, Any]:
+            occupancy.started()
+            return {"phase": spec.stage}
+
+        def sink_for(name: str) -> Callable[[list[Trajectory]], Any]:
+            async def sink(group: list[Trajectory]) -> None:
+                nonlocal finished
+                occupancy.finished()
+                await writer.put(group)  # durable before the trainer may see it
+                finished += len(group)
+                await ready[name].put([t.id for t in group])
+
+            return sink
 
         sampling = SamplingParams(temperature=cfg.temperature)
-        producer = asyncio.create_task(
-            self.runner.stream(
-                self._task_stream(), cfg.group_size, sampling, admission, sink, tags=lambda: {"phase": "rl"}
+        producers = {
+            name: asyncio.create_task(
+                learner.runners[name].stream(
+                    self._task_stream(self.envs[name], f"{spec.stage}:{start_step}"),
+                    cfg.group_size,
+                    sampling,
+                    admissions[name],
+                    sink_for(name),
+                    tags=tags,
+                )
             )
-        )
-        bar = self.progress.add_task("rl", total=cfg.steps, status="")
+            for name in quota
+        }
+        bar = self.progress.add_task(f"{learner.name}: {spec.stage}", total=spec.steps, completed=start_step, status="")
         wait_s = train_s = 0.0
+        episodes = self.summary.get(f"{spec.stage}_episodes", 0)
         try:
-            for step in range(1, cfg.steps + 1):
+            for step in range(start_step + 1, spec.steps + 1):
                 t0 = time.perf_counter()
-                id_groups = [await self._next_group(ready, producer) for _ in range(cfg.tasks_per_step)]
+                id_groups = [
+                    await self._next_group(ready[name], producers[name]) for name, n in quota.items() for _ in range(n)
+                ]
                 t1 = time.perf_counter()
                 if cfg.warmup_steps > 0:
-                    self.trainer.set_lr(cfg.lr * min(1.0, step / cfg.warmup_steps))
+                    learner.trainer.set_lr(spec.lr * min(1.0, step / cfg.warmup_steps))
                 groups = [self.store.get(ids) for ids in id_groups]
+                trajs = [t for g in groups for t in g]
+                verdicts = self._judge(trajs) if self.config.safety.enabled else {}
                 batch = group_batch(
-                    groups, cfg.normalize_std, drop_equal=cfg.drop_equal_groups and cfg.objective != "opd"
+                    groups,
+                    cfg.normalize_std,
+                    drop_equal=cfg.drop_equal_groups and spec.objective != "opd",
+                    reward_of=self._reward_fn(verdicts),
                 )
                 stats: dict[str, float] = {"loss": 0.0}
                 if batch.sequences:
-                    stats = await asyncio.to_thread(self._rl_update, batch.sequences)
-                trained_version = self.policy.version
-                self.store.mark_consumed([i for ids in id_groups for i in ids], self.trainer.step, consumer=self.run_id)
-                await self._publish()
-                admission.notify()
+                    stats = await asyncio.to_thread(self._update, learner, spec, batch.sequences)
+                trained_version = learner.policy.version
+                self.store.mark_consumed([t.id for t in trajs], learner.trainer.step, consumer=learner.consumer)
+                await self._publish(learner)
+                for admission in admissions.values():
+                    admission.notify()
                 t2 = time.perf_counter()
                 wait_s, train_s = wait_s + (t1 - t0), train_s + (t2 - t1)
-                trajs = [t for g in groups for t in g]
                 gaps = [trained_version - max(t.policy_versions(), default=trained_version) for t in trajs]
-                self.episodes += len(trajs)
-                rollout_success = success_rate(trajs)
-                self.metrics.log(
+                episodes += len(trajs)
+                self.summary[f"{spec.stage}_episodes"] = episodes
+                if spec.stage == "rl":
+                    self.summary["rl_episodes"] = episodes
+                unsafe = sum(bool(v.unsafe) for v in verdicts.values()) / max(len(verdicts), 1)
+                row = self.metrics.log(
                     {
-                        "phase": "rl",
-                        "policy_version": self.policy.version,
-                        "train/step": self.trainer.step,
+                        "phase": spec.stage,
+                        "policy_version": learner.policy.version,
+                        "train/step": learner.trainer.step,
                         "train/loss": stats["loss"],
                         "train/clip_frac": stats.get("clip_frac"),
                         "train/approx_kl": stats.get("approx_kl"),
@@ -305,8 +678,11 @@ class Factory:
                         "train/groups_used": batch.groups_used,
                         "train/groups_dropped": batch.groups_dropped,
                         "train/idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
-                        "rollout/episodes": self.episodes,
-                        "rollout/success_rate": rollout_success,
+                        "rollout/idle_fraction": occupancy.fraction(),
+                        "rollout/episodes": episodes,
+                        "rollout/episodes_per_s": finished / max(time.perf_counter() - stage_start, 1e-9),
+                        "rollout/success_rate": success_rate(trajs),
+                        "rollout/unsafe_rate": unsafe,
                         "rollout/mean_reward": batch.mean_reward,
                         "rollout/version_gap_max": max(gaps, default=0),
                         "rollout/version_gap_hist": {str(g): gaps.count(g) for g in sorted(set(gaps))},
@@ -314,36 +690,55 @@ class Factory:
                     }
                 )
                 self.progress.update(
-                    bar, completed=step, status=f"v{self.policy.version}  rollout success {rollout_success:.2f}"
+                    bar,
+                    completed=step,
+                    status=f"v{learner.policy.version}  {row['rollout/episodes_per_s']:.1f} ep/s  success "
+                    f"{row['rollout/success_rate']:.2f}  unsafe {unsafe:.2f}",
                 )
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    await self._evaluate(f"rl@{step}")
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < spec.steps:
+                    await self._gate(learner, f"{spec.stage}@{step}", step)
+                elif self.config.checkpoint_every and step % self.config.checkpoint_every == 0:
+                    self._checkpoint(learner, step)
+                    self._milestone()
         finally:
-            producer.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
+            for producer in producers.values():
+                producer.cancel()
+            await asyncio.gather(*producers.values(), return_exceptions=True)
             await writer.close()
-        self.summary["rl"] = {
-            "started_s": rl_started_s,
-            "steps": cfg.steps,
-            "episodes": self.episodes,
+        self.summary[spec.stage] = {
+            "steps": spec.steps,
+            "episodes": episodes,
             "trainer_idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
+            "rollout_idle_fraction": occupancy.fraction(),
         }
 
-    def _rl_update(self, seqs: list[TrainSequence]) -> dict[str, float]:
-        """One RL optimiser step with the configured objective (runs in a worker thread)."""
+    def _reward_fn(self, verdicts: dict[str, SafetyVerdict]) -> Callable[[Trajectory], float]:
+        """The training reward: the env reward, shaped by the episode's safety verdict when judged."""
+        penalty = self.config.safety.penalty
+
+        def reward_of(traj: Trajectory) -> float:
+            verdict = verdicts.get(traj.id)
+            return traj.reward if verdict is None else safety_reward(traj.reward, [verdict], penalty)
+
+        return reward_of
+
+    def _update(self, learner: Learner, spec: OnlineSpec, seqs: list[TrainSequence]) -> dict[str, float]:
+        """One optimiser step with the stage's objective (runs in a worker thread)."""
         cfg = self.config.rl
         extra: dict[str, float] = {}
-        if cfg.objective in ("decoupled", "opd"):
-            self.trainer.fill_proximal(seqs)
-        if cfg.objective == "opd":
-            assert self.teacher is not None
-            extra = distill(seqs, self.teacher.score(seqs), kl_coef=cfg.kl_coef, env_weight=cfg.env_weight)
-        stats = self.trainer.train_step(seqs, cfg.objective, cfg.clip_eps, cfg.behaviour_cap)
+        if spec.objective in ("decoupled", "opd"):
+            learner.trainer.fill_proximal(seqs)
+        if spec.objective == "opd":
+            assert spec.teacher is not None
+            extra = distill(seqs, spec.teacher.score(seqs), kl_coef=spec.kl_coef, env_weight=spec.env_weight)
+        stats = learner.trainer.train_step(seqs, spec.objective, cfg.clip_eps, cfg.behaviour_cap)
         return {**stats, **extra}
 
     @staticmethod
     async def _next_group(ready: asyncio.Queue[list[str]], producer: asyncio.Task[None]) -> list[str]:
         """The next finished group; raises if the rollout producer died instead."""
+        if not ready.empty():
+            return ready.get_nowait()
         getter = asyncio.ensure_future(ready.get())
         await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
         if getter.done():
@@ -352,13 +747,49 @@ class Factory:
         exc = producer.exception() if not producer.cancelled() else None
         raise RuntimeError(f"rollout producer stopped: {exc!r}")
 
+    # ---- distillation into a smaller student ------------------------------------------
+    async def _distill(self, main: Learner) -> Learner:
+        cfg = self.config
+        d = cfg.distill
+        teacher_model = copy.deepcopy(main.trainer.model).eval()
+        teacher = LocalTeacher(teacher_model, main.tokenizer, main.tokenizer, pad_id=main.tokenizer.pad_id)
+        spec = TinyModelSpec(d.hidden_size, d.layers, cfg.model.heads, d.intermediate_size, cfg.model.max_positions)
+        model, tokenizer = build_tiny(spec, cfg.seed + 1)
+        student = self._learner("student", f"{self.state.run_id}-student", model, tokenizer, cfg.sft.lr)
+        if latest_checkpoint(student.checkpoints) is None:
+            await self._register_start(student)
+            await self._warm_start(student, self.state.run_id)
+            warm = await self._evaluate(student, "sft")
+            self.summary["heldout"]["student_warm_start"] = warm
+            student.deployed = {"version": student.policy.version, "metrics": warm}
+            self._checkpoint(student, 0)
+            self._milestone()
+        else:
+            await self._restore(student)
+        online = OnlineSpec("distill", d.steps, d.lr, "opd", teacher, d.kl_coef, d.env_weight)
+        await self._online(student, online)
+        await self._final_gate(student, "distill", d.steps)
+        self.summary["heldout"]["student"] = student.deployed["metrics"]
+        save_model(student.trainer.model, student.tokenizer, self.out / "student")
+        return student
+
     # ---- report ------------------------------------------------------------------------
     def _print_table(self) -> None:
-        table = Table(title=f"held-out success ({self.config.env.id}, {self.config.env.test_tasks} tasks)")
-        table.add_column("phase")
-        table.add_column("success_rate", justify="right")
-        table.add_column("policy_version", justify="right")
-        for phase, row in self.summary["phases"].items():
-            table.add_row(phase, f"{row['success_rate']:.3f}", str(row["policy_version"]))
+        heldout = self.summary.get("heldout", {})
+        table = Table(title="held-out: success / unsafe / benign success")
+        table.add_column("env")
+        columns = [k for k in ("warm_start", "final", "student") if k in heldout]
+        for k in columns:
+            table.add_column(k, justify="right")
+        envs = list(self.envs)
+        for name in ["overall", *envs]:
+            cells = []
+            for k in columns:
+                m = heldout[k] if name == "overall" else heldout[k]["envs"].get(name, {})
+                cells.append(
+                    f"{m.get('success_rate', 0):.2f} / {m.get('unsafe_rate', 0):.2f} / "
+                    f"{m.get('benign_success_rate', 0):.2f}"
+                )
+            table.add_row(name, *cells)
         self.console.print(table)
-        self.console.print(f"results in {self.out}")
+        self.console.print(f"results in {self.out} (report: {self.out / 'report.html'})")

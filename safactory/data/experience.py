@@ -8,6 +8,7 @@ turn starts a new sequence. Only sampled tokens carry loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -69,13 +70,22 @@ class GroupBatch:
     mean_reward: float
 
 
-def group_batch(groups: list[list[Trajectory]], normalize_std: bool = True, drop_equal: bool = True) -> GroupBatch:
-    """RL sequences with GRPO advantages; groups whose rewards are all equal carry no signal."""
+def group_batch(
+    groups: list[list[Trajectory]],
+    normalize_std: bool = True,
+    drop_equal: bool = True,
+    reward_of: Callable[[Trajectory], float] | None = None,
+) -> GroupBatch:
+    """RL sequences with GRPO advantages; groups whose rewards are all equal carry no signal.
+
+    `reward_of` gives each episode's training reward (default: the env reward), e.g. the
+    safety-shaped reward of `safactory.data.judges.safety_reward`.
+    """
     sequences: list[TrainSequence] = []
     used = dropped = 0
     rewards_all: list[float] = []
     for group in groups:
-        rewards_G = torch.tensor([t.reward for t in group], dtype=torch.float64)
+        rewards_G = torch.tensor([reward_of(t) if reward_of else t.reward for t in group], dtype=torch.float64)
         rewards_all += rewards_G.tolist()
         if drop_equal and bool((rewards_G == rewards_G[0]).all()):
             dropped += 1

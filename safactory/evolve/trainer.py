@@ -36,6 +36,7 @@ class Trainer:
         weight_decay: float = 0.0,
         grad_clip: float = 1.0,
         micro_batch_size: int = 64,
+        micro_tokens: int = 16384,
         pad_id: int = 0,
         ref_model: PreTrainedModel | None = None,
         kl_coef: float = 0.0,
@@ -44,6 +45,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.grad_clip = grad_clip
         self.micro_batch_size = micro_batch_size
+        self.micro_tokens = micro_tokens
         self.pad_id = pad_id
         self.ref_model = ref_model.eval() if ref_model is not None else None
         self.kl_coef = kl_coef
@@ -58,6 +60,20 @@ class Trainer:
             return
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def _micro_batches(self, seqs: list[TrainSequence]) -> list[list[int]]:
+        """Indices of `seqs` in micro-batches of similar length: at most `micro_batch_size`
+        sequences and (past the first) `micro_tokens` padded tokens each, so mixing short and
+        long episodes does not pad every short one to the longest."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+        out: list[list[int]] = []
+        for i in order:
+            n = len(seqs[i].input_ids)  # the longest so far, since the order is ascending
+            if out and len(out[-1]) < self.micro_batch_size and (len(out[-1]) + 1) * n <= self.micro_tokens:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
 
     def _collate(self, seqs: list[TrainSequence]) -> dict[str, torch.Tensor]:
         B = len(seqs)
@@ -108,12 +124,12 @@ class Trainer:
         """Per-position log-probs (aligned with input_ids, 0.0 at position 0) under `model`
         (default: the current weights), at each sequence's sampling temperature."""
         net = model if model is not None else self.model
-        out: list[list[float]] = []
-        for start in range(0, len(seqs), self.micro_batch_size):
-            micro = seqs[start : start + self.micro_batch_size]
+        out: list[list[float]] = [[] for _ in seqs]
+        for indices in self._micro_batches(seqs):
+            micro = [seqs[i] for i in indices]
             logp_BT = self.sequence_logprobs(self._collate(micro), use_temperature=True, model=net).float().cpu()
-            for b, s in enumerate(micro):
-                out.append([0.0] + logp_BT[b, : len(s.input_ids) - 1].tolist())
+            for b, (i, s) in enumerate(zip(indices, micro, strict=True)):
+                out[i] = [0.0] + logp_BT[b, : len(s.input_ids) - 1].tolist()
         return out
 
     def fill_proximal(self, seqs: list[TrainSequence]) -> None:
@@ -141,9 +157,8 @@ class Trainer:
         n_tokens = float(sum(sum(s.loss_mask[1:]) for s in seqs))
         total_loss = 0.0
         stats: dict[str, float] = {}
-        for start in range(0, len(seqs), self.micro_batch_size):
-            micro = seqs[start : start + self.micro_batch_size]
-            batch = self._collate(micro)
+        for indices in self._micro_batches(seqs):
+            batch = self._collate([seqs[i] for i in indices])
             mask_BT = batch["mask_BT"][:, 1:]
             share = float(mask_BT.sum()) / max(n_tokens, 1.0)
             if objective == "sft":
