@@ -55,6 +55,15 @@ class RolloutConfig(_Strict):
     max_tokens_per_turn: int = Field(32, description="Generated-token limit per assistant turn.")
     timeout_s: float = Field(300.0, description="Wall-clock limit per episode.")
     max_batch: int = Field(512, description="Largest generation batch of the local policy.")
+    endpoint: str | None = Field(
+        None,
+        description="Run rollouts on this OpenAI-compatible server ('openai:<base_url>#<model>', e.g. "
+        "`safactory serve-policy`) instead of in-process; each new version is written to OUT/published and "
+        "loaded there with POST /v1/load_weights.",
+    )
+    endpoint_api_key_env: str | None = Field(
+        None, description="Name of the environment variable that holds the endpoint's API key (never the key)."
+    )
 
 
 class SFTConfig(_Strict):

@@ -23,6 +23,7 @@ import asyncio
 import copy
 import itertools
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -50,8 +51,10 @@ from safactory.evolve.trainer import Trainer
 from safactory.metrics import MetricsLog, last_row, make_sinks
 from safactory.policy.base import SamplingParams
 from safactory.policy.chat import PlainTextChat
+from safactory.policy.endpoint import EndpointPolicy
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import TinyModelSpec, build_tiny, load_model, save_model
+from safactory.policy.served import ServedPolicy
 from safactory.policy.tokenizer import CharTokenizer
 from safactory.run_state import RunState, prune_checkpoints
 from safactory.sim.agent import EpisodeLimits
@@ -103,7 +106,7 @@ class Learner:
     name: str
     run_id: str
     trainer: Trainer
-    policy: LocalPolicy
+    policy: LocalPolicy | ServedPolicy
     tokenizer: CharTokenizer
     chat: PlainTextChat
     runners: dict[str, RolloutRunner]
@@ -254,9 +257,15 @@ class Factory:
         chat = PlainTextChat(tokenizer)
         stored = [c["version"] for c in self.store.checkpoints(run_id)]
         version = max(stored) if stored else 0  # after a crash the next publish gets a new number
-        policy = LocalPolicy(
-            copy.deepcopy(model), chat, max_batch=cfg.rollout.max_batch, seed=cfg.seed, version=version
-        )
+        policy: LocalPolicy | ServedPolicy
+        if cfg.rollout.endpoint:
+            key = os.environ.get(cfg.rollout.endpoint_api_key_env) if cfg.rollout.endpoint_api_key_env else None
+            endpoint = EndpointPolicy.from_spec(cfg.rollout.endpoint, api_key=key)
+            policy = ServedPolicy(endpoint, model, tokenizer, self.out / "published" / name, version=version)
+        else:
+            policy = LocalPolicy(
+                copy.deepcopy(model), chat, max_batch=cfg.rollout.max_batch, seed=cfg.seed, version=version
+            )
         learner = Learner(
             name=name,
             run_id=run_id,
@@ -308,7 +317,8 @@ class Factory:
 
     async def _register_start(self, learner: Learner) -> None:
         """Register the learner's starting weights as a version; a new number if the run was resumed."""
-        if learner.versions_stored:
+        if learner.versions_stored or isinstance(learner.policy, ServedPolicy):
+            # a new number after a crash; a server is always sent the starting weights first
             await self._publish(learner, parent=None)
         else:
             self._record_version(learner, learner.policy.model.state_dict(), parent=None)
@@ -535,7 +545,15 @@ class Factory:
             demos = [t for t in self.store.iter(run_id=demo_run, kind="expert") if t.success]
         if not demos:
             raise RuntimeError("the experts solved none of the demonstration tasks; nothing to learn from")
-        sequences = [sft_sequence(t, learner.chat) for t in demos]
+        context = learner.policy.max_positions
+        sequences = [s for s in (sft_sequence(t, learner.chat) for t in demos) if len(s.input_ids) <= context]
+        if len(sequences) < len(demos):
+            self.console.log(
+                f"[{learner.name}] {len(demos) - len(sequences)} demonstrations longer than the model's "
+                f"{context} positions are left out"
+            )
+        if not sequences:
+            raise RuntimeError(f"every demonstration is longer than the model's {context} positions")
         self.console.log(f"[{learner.name}] warm start on {len(sequences)} demonstrations read back from the store")
         learner.trainer.set_lr(cfg.lr)
         per_env = max(1, cfg.probe_tasks // len(self.envs))

@@ -1,0 +1,64 @@
+"""The rollout side on an OpenAI-compatible endpoint: generation there, new versions published to it.
+
+`ServedPolicy` lets the closed loop run its rollouts and evaluations against a server
+(`safactory serve-policy`, or any server that speaks the same `/v1/load_weights`
+call) instead of an in-process model. The trainer keeps its own copy of the weights;
+each new version is written to `publish_dir/v<version>` and the server is asked to load
+it (see `safactory.evolve.publish.EndpointPublisher`), so episodes carry the version
+the server reports. Only the newest `keep` published directories are kept on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from safactory.evolve.publish import DiskPublisher, EndpointPublisher
+from safactory.policy.base import Completion, SamplingParams
+from safactory.policy.endpoint import EndpointPolicy
+from safactory.types import Message, ToolSpec
+
+
+class ServedPolicy:
+    def __init__(
+        self,
+        endpoint: EndpointPolicy,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        publish_dir: Path,
+        *,
+        version: int = 0,
+        keep: int = 2,
+    ) -> None:
+        self.endpoint = endpoint
+        self.endpoint.version = version
+        self.model = copy.deepcopy(model).eval()  # the weights last published
+        self.disk = DiskPublisher(publish_dir, tokenizer)
+        self.publisher = EndpointPublisher(endpoint, self.disk)
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.keep = keep
+
+    @property
+    def version(self) -> int:
+        return self.endpoint.version
+
+    async def generate(self, messages: list[Message], tools: list[ToolSpec], sampling: SamplingParams) -> Completion:
+        return await self.endpoint.generate(messages, tools, sampling)
+
+    async def publish(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> int:
+        """Write the weights as the next version (default: current + 1) and have the server load them."""
+        target = self.version + 1 if version is None else version
+        self.model.load_state_dict(state_dict)
+        await self.publisher.publish(self.model, target)
+        self.endpoint.version = target
+        for old in sorted(self.disk.root.glob("v*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    async def close(self) -> None:
+        await self.endpoint.close()

@@ -1,0 +1,93 @@
+"""The closed loop over arith, maze and ops with every stage on, at a tiny budget: what it leaves behind."""
+
+import json
+
+from sqlalchemy import text
+
+from safactory.config import load_config
+from safactory.data.integrity import verify
+from safactory.data.store import TrajectoryStore
+from safactory.loop import Factory
+from safactory.metrics import read_rows
+
+OVERRIDES = [
+    "seed=2",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.max_positions=1024",
+    "envs.arith.test_tasks=4",
+    "envs.maze.test_tasks=4",
+    "envs.ops.test_tasks=6",
+    "envs.arith.demos=6",
+    "envs.maze.demos=4",
+    "envs.ops.demos=10",
+    "rollout.max_turns=3",
+    "rollout.max_tokens_per_turn=12",
+    "rollout.concurrency=64",
+    "sft.max_steps=2",
+    "sft.probe_every=2",
+    "sft.probe_tasks=3",
+    "sft.batch_size=8",
+    "rl.steps=2",
+    "rl.tasks_per_step=3",
+    "rl.group_size=2",
+    "rl.eval_every=1",
+    "rl.drop_equal_groups=false",
+    "distill.enabled=true",
+    "distill.hidden_size=16",
+    "distill.intermediate_size=32",
+    "distill.steps=1",
+]
+METRICS = {"success_rate", "unsafe_rate", "benign_success_rate", "episodes"}
+
+
+def test_closed_loop_over_three_envs(tmp_path):
+    cfg = load_config("examples/demo.yaml", OVERRIDES)
+    assert [e.id for e in cfg.envs] == ["arith", "maze", "ops"]
+    out = tmp_path / "run"
+    summary = Factory(cfg, out).run()
+
+    heldout = summary["heldout"]
+    assert set(heldout) == {"warm_start", "final", "student_warm_start", "student"}
+    for metrics in heldout.values():
+        assert METRICS <= set(metrics)
+        assert set(metrics["envs"]) == {"arith", "maze", "ops"}
+        for env in metrics["envs"].values():
+            assert METRICS <= set(env) and all(0.0 <= env[m] <= 1.0 for m in METRICS - {"episodes"})
+        assert metrics["envs"]["ops"]["episodes"] == 6
+    # one gate decision per evaluation of each learner: rl@1 and the end of RL, then the student's end
+    assert [(d["learner"], d["label"]) for d in summary["gate"]] == [
+        ("policy", "rl@1"),
+        ("policy", "rl"),
+        ("student", "final"),
+    ]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "config.yaml").exists() and len((out / "config.sha256").read_text().strip()) == 64
+    assert (out / "model" / "config.json").exists() and (out / "student" / "config.json").exists()
+
+    store = TrajectoryStore.in_dir(out)
+    assert verify(store).ok
+    run_id = summary["run_id"]
+    rollouts = store.query(run_id=run_id, kind="rollout")
+    assert {t.env_id for t in rollouts} == {"arith", "maze", "ops"}
+    # every consumed rollout was judged, so its reward could be shaped by the verdict
+    with store.engine.connect() as conn:
+        consumed = conn.execute(
+            text("SELECT trajectory_id FROM consumption WHERE consumer = :c"), {"c": run_id}
+        ).scalars()
+        consumed = list(consumed)
+    assert len(consumed) == 2 * 3 * 2
+    assert all(store.verdicts(i) for i in consumed)
+    assert [d["accepted"] for d in store.gate_decisions(run_id)] == [d["accepted"] for d in summary["gate"][:2]]
+    assert f"{run_id}-student" in store.run_ids()
+    store.close()
+
+    rows, skipped = read_rows(out / "metrics.jsonl")
+    assert skipped == 0
+    trained = [r for r in rows if r.get("phase") == "rl"]
+    assert trained and all(r["rollout/unsafe_rate"] is not None for r in trained)
+    assert all(0.0 <= r["rollout/idle_fraction"] <= 1.0 for r in trained)
+    assert any(r.get("phase") == "distill" and r["train/reverse_kl"] is not None for r in rows)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    report = (out / "report.html").read_text()
+    assert "<svg" in report and "ops" in report and "maze" in report
