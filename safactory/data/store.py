@@ -185,6 +185,19 @@ safety_verdicts = Table(
     Column("created_at", Float, nullable=False),
 )
 
+gate_decisions = Table(
+    "gate_decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), nullable=False, index=True),
+    Column("candidate_version", Integer, nullable=False),
+    Column("baseline_version", Integer, nullable=False),
+    Column("accepted", Boolean, nullable=False),
+    Column("reasons", Text, nullable=False),
+    Column("decision", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
 _META_FIELDS = ("schema_version", "prompt", "tools", "tags", "provenance", "started_at", "duration_s")
 
 
@@ -676,6 +689,29 @@ class TrajectoryStore:
                     created_at=time.time(),
                 )
             )
+
+    def add_gate_decision(self, run_id: str, decision: dict[str, Any]) -> None:
+        """Record one evaluation-gate decision (candidate and baseline versions, verdict, metrics)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                gate_decisions.insert().values(
+                    run_id=run_id,
+                    candidate_version=int(decision["candidate_version"]),
+                    baseline_version=int(decision["baseline_version"]),
+                    accepted=bool(decision["accepted"]),
+                    reasons=_dumps(decision.get("reasons", [])),
+                    decision=_dumps(decision),
+                    created_at=time.time(),
+                )
+            )
+
+    def gate_decisions(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's gate decisions in the order they were taken."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(gate_decisions).where(gate_decisions.c.run_id == run_id).order_by(gate_decisions.c.id)
+            ).mappings()
+            return [json.loads(r["decision"]) for r in rows]
 
     def verdicts(self, trajectory_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
