@@ -47,15 +47,24 @@ def main() -> None:
             f"rl.eta={eta}",
             "rl.eval_every=10",
             "rl.warmup_steps=10",  # RL starts with a fresh optimiser here
+            "gate.enabled=false",  # compare the two schedules, not rollbacks
         ]
         summary = Factory(load_config("examples/arith.yaml", overrides), out / f"eta{eta}").run()
-        results[eta] = {"curve": rl_curve(summary), "trainer_idle": summary["rl"]["trainer_idle_fraction"]}
+        results[eta] = {
+            "curve": rl_curve(summary),
+            "trainer_idle": summary["rl"]["trainer_idle_fraction"],
+            "rollout_idle": summary["rl"]["rollout_idle_fraction"],
+        }
     best = min(max(s for _, s in r["curve"]) for r in results.values())
     target = 0.95 * best
     t_sync, t_async = (first_reach(results[eta]["curve"], target) for eta in (0, 2))
     for eta in (0, 2):
         curve = ", ".join(f"{t:.0f}s:{s:.2f}" for t, s in results[eta]["curve"])
-        print(f"eta={eta}: trainer idle fraction {results[eta]['trainer_idle']:.2f}; held-out curve {curve}")
+        r = results[eta]
+        print(
+            f"eta={eta}: trainer idle fraction {r['trainer_idle']:.2f}, rollout idle fraction "
+            f"{r['rollout_idle']:.2f}; held-out curve {curve}"
+        )
     print(f"target held-out success {target:.3f}: eta=0 reached it after {t_sync:.0f} s, eta=2 after {t_async:.0f} s")
     print(f"ratio={t_sync / t_async:.3f}")
 

@@ -42,7 +42,7 @@ def main() -> None:
     warm = out / "warm"
     if not (warm / "model").exists():
         Factory(load_config(base[0], [f"seed={args.seed}", "rl.enabled=false"]), warm).run()
-    start = [f"seed={args.seed}", f"model.path={warm / 'model'}", "sft.enabled=false"]
+    start = [f"seed={args.seed}", f"model.path={warm / 'model'}", "sft.enabled=false", "gate.enabled=false"]
     if (out / "rl" / "summary.json").exists():  # reuse a finished teacher run
         teacher = json.loads((out / "rl" / "summary.json").read_text())
     else:

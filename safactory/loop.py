@@ -614,6 +614,7 @@ class Factory:
             if groups:
                 self.console.log(f"[{learner.name}] {len(groups)} stored {name} groups from before the crash reused")
         occupancy = Occupancy()
+        started_s = self.metrics.elapsed()
         writer = StoreWriter(self.store)
         stage_start = time.perf_counter()
         finished = 0
@@ -724,6 +725,7 @@ class Factory:
             await asyncio.gather(*producers.values(), return_exceptions=True)
             await writer.close()
         self.summary[spec.stage] = {
+            "started_s": started_s,
             "steps": spec.steps,
             "episodes": episodes,
             "trainer_idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
