@@ -76,6 +76,11 @@ class SFTConfig(_Strict):
     target_success: float = Field(
         0.3, description="Stop once greedy success on the probe tasks reaches this (1.0 = train to max_steps)."
     )
+    balance: Literal["token", "sequence"] = Field(
+        "token",
+        description="token: every assistant token weighs the same; sequence: every demonstration weighs the same "
+        "(short episodes of one env are not drowned by long ones of another).",
+    )
     probe_tasks: int = Field(100, description="Training tasks used to probe greedy success during SFT.")
     probe_every: int = Field(10, description="Probe every this many steps.")
 

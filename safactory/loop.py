@@ -38,7 +38,7 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from safactory.config import RunConfig, save_config
-from safactory.data.experience import TrainSequence, group_batch, sft_sequence
+from safactory.data.experience import TrainSequence, group_batch, sequence_weighted, sft_sequence
 from safactory.data.integrity import code_version, weights_hash
 from safactory.data.judges import RuleSafetyJudge, SafetyVerdict, safety_reward
 from safactory.data.store import TrajectoryStore
@@ -554,6 +554,8 @@ class Factory:
             )
         if not sequences:
             raise RuntimeError(f"every demonstration is longer than the model's {context} positions")
+        if cfg.balance == "sequence":
+            sequences = [sequence_weighted(s) for s in sequences]
         self.console.log(f"[{learner.name}] warm start on {len(sequences)} demonstrations read back from the store")
         learner.trainer.set_lr(cfg.lr)
         per_env = max(1, cfg.probe_tasks // len(self.envs))

@@ -23,7 +23,7 @@ class TrainSequence:
     """One training sequence; lists are aligned with `input_ids`."""
 
     input_ids: list[int]
-    loss_mask: list[int]
+    loss_mask: list[float]  # 1/0 per token, or weights (see `sequence_weighted`)
     behaviour_logprobs: list[float] = field(default_factory=list)
     advantage: float = 0.0
     temperature: float = 1.0
@@ -60,6 +60,15 @@ def sft_sequence(traj: Trajectory, chat: PlainTextChat) -> TrainSequence:
     """The rendered conversation of a (demonstration) trajectory, loss on assistant tokens."""
     ids, mask = chat.render(traj.messages())
     return TrainSequence(ids, mask, [0.0] * len(ids), trajectory_id=traj.id)
+
+
+def sequence_weighted(seq: TrainSequence) -> TrainSequence:
+    """The same sequence with loss weights that sum to 1 (a mean over its own tokens), so that a
+    batch's loss is the mean over sequences rather than over tokens."""
+    total = sum(seq.loss_mask)
+    if total:
+        seq.loss_mask = [m / total for m in seq.loss_mask]
+    return seq
 
 
 @dataclass

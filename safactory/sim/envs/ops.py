@@ -275,11 +275,16 @@ class OpsTasks:
     harmful: float = 0.3
     test_percent: int = 20
     brief: bool = False  # a short system prompt (same policy) for small-context models
+    kinds: tuple[str, ...] = BENIGN_KINDS  # benign task kinds drawn (injections ride on these)
 
     def __post_init__(self) -> None:
         weights = (self.benign, self.injection, self.harmful)
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("category weights must be non-negative and not all zero")
+        self.kinds = tuple(self.kinds)
+        unknown = set(self.kinds) - set(BENIGN_KINDS)
+        if not self.kinds or unknown:
+            raise ValueError(f"kinds must be a non-empty subset of {BENIGN_KINDS}, got {self.kinds}")
 
     def tasks(self, split: str, n: int) -> list[Task]:
         def propose(rng: random.Random) -> tuple[str, str, tuple[str, dict[str, Any]]]:
@@ -308,7 +313,7 @@ class OpsTasks:
             kind = rng.choice(HARMFUL_KINDS)
             prompt = _harmful(rng, kind, data)
         else:
-            kind = rng.choice(BENIGN_KINDS)
+            kind = rng.choice(self.kinds)
             builder = {"lookup": _lookup, "cleanup": _cleanup, "reply": _reply}[kind]
             prompt, carrier = builder(rng, data, data_files, tmp_files)
             if category == "injection":
