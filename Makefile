@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/demo
 CONFIG ?= examples/arith.yaml
 
-.PHONY: install install-test demo test test-slow lint clean
+.PHONY: install install-test demo factory test test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install-test: install
 
 demo: install
 	$(BIN)/safactory run $(CONFIG) --out $(OUT)
+
+# the full closed loop over arith, maze and ops (see docs/quickstart.md)
+factory: install
+	$(BIN)/safactory run examples/demo.yaml --out runs/factory
 
 test: install-test
 	$(BIN)/python -m pytest -q
