@@ -9,7 +9,11 @@ same process and run. Both are timed in CPU time of this process (`time.process_
 so other work on a shared machine does not skew the ratio. The headline is `ratio=<runner steps/s / bare steps/s>` (1.0
 would mean the runner costs nothing on top of the environment; target >= 0.5).
 
-Run: `.venv/bin/python benchmarks/rollout_overhead.py [--episodes E] [--steps K] [--repeats R] [--profile]`
+`--floor` also times the least that any loop keeping validated records must do (the
+two records per step, the trajectory per episode, nothing else) against the same
+baseline, as `floor_ratio`: the ceiling for `ratio` while both records are validated.
+
+Run: `.venv/bin/python benchmarks/rollout_overhead.py [--episodes E] [--steps K] [--repeats R] [--profile] [--floor]`
 """
 
 from __future__ import annotations
@@ -112,6 +116,36 @@ async def bare_steps(tasks: list[Task], k: int) -> tuple[int, float]:
     return steps, time.process_time() - start
 
 
+async def floor_steps(tasks: list[Task], k: int) -> tuple[int, float]:
+    """Steps and CPU seconds of a stripped episode loop: only the validated records.
+
+    Per step the assistant `Message` and the `Step`, per episode one `Trajectory` (steps
+    validated with it, as the agent does); no ids, task hash, seeds, timeouts, copies,
+    error handling or concurrency.
+    """
+    message = Message.__pydantic_validator__.validate_python
+    trajectory = Trajectory.__pydantic_validator__.validate_python
+    policy = NullPolicy()
+    sampling = SamplingParams()
+    start = time.process_time()
+    steps = 0
+    for task in tasks:
+        env = TrivialEnv()
+        obs = await env.reset(task, 0)
+        messages, records = list(obs.messages), []
+        for turn in range(k):
+            completion = await policy.generate(messages, obs.tools, sampling)
+            action = message({"role": "assistant", "content": completion.text, "tool_calls": completion.tool_calls})
+            messages.append(action)
+            result = await env.step(action)
+            records.append({"index": turn, "action": action, "observation": result.messages, "reward": result.reward})
+            messages.extend(result.messages)
+            steps += 1
+        await env.close()
+        trajectory({"task": task, "prompt": obs.messages, "tools": obs.tools, "steps": records})
+    return steps, time.process_time() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=2000)
@@ -119,6 +153,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile one runner pass and print the top entries")
+    parser.add_argument("--floor", action="store_true", help="also time the stripped loop (floor_ratio)")
     args = parser.parse_args()
     TrivialEnv.k = args.steps
     tasks = make_tasks(args.episodes)
@@ -130,6 +165,7 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     runner_rates: list[float] = []
     bare_rates: list[float] = []
+    floor_rates: list[float] = []
     asyncio.run(runner_steps(tasks[:100], args.steps, args.concurrency))  # warm up imports and caches
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         gc.collect()
@@ -138,11 +174,18 @@ def main() -> None:
         gc.collect()
         steps, elapsed = asyncio.run(bare_steps(tasks, args.steps))
         bare_rates.append(steps / elapsed)
+        if args.floor:
+            gc.collect()
+            steps, elapsed = asyncio.run(floor_steps(tasks, args.steps))
+            floor_rates.append(steps / elapsed)
     runner_rate = statistics.median(runner_rates)
     bare_rate = statistics.median(bare_rates)
     shape = f"episodes={args.episodes} steps_per_episode={args.steps} concurrency={args.concurrency}"
     print(f"{shape} repeats={args.repeats} (CPU time)")
     print(f"runner_steps_per_s={runner_rate:.0f} bare_steps_per_s={bare_rate:.0f}")
+    if floor_rates:
+        floor_rate = statistics.median(floor_rates)
+        print(f"floor_steps_per_s={floor_rate:.0f} floor_ratio={floor_rate / bare_rate:.3f}")
     print(f"ratio={runner_rate / bare_rate:.3f}")
 
 

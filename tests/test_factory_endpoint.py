@@ -38,7 +38,9 @@ def test_rollouts_on_a_served_policy(serve, tmp_path):
     assert summary["heldout"]["final"]["policy_version"] == 1 + STEPS
     store = TrajectoryStore.in_dir(out)
     rollouts = store.query(run_id=summary["run_id"], kind="rollout")
-    assert len(rollouts) == STEPS * 4 * 4
+    # eta=1: groups admitted one version ahead may finish (and be stored) before the stop
+    assert STEPS * 4 * 4 <= len(rollouts) <= (STEPS + 1) * 4 * 4
+    assert store.count(run_id=summary["run_id"], kind="rollout") == len(rollouts)
     # token-exact traces came back through the API, with the versions the server reported
     for traj in rollouts:
         for step in traj.steps:

@@ -1,11 +1,13 @@
 import asyncio
 
+import pytest
+
 from safactory.policy.base import Completion, SamplingParams
 from safactory.sim.agent import EpisodeLimits, run_episode
 from safactory.sim.env import EnvSpec
 from safactory.sim.envs.arith import ArithEnv, ArithExpert
 from safactory.sim.runner import Admission, RolloutRunner
-from safactory.types import Message, Observation, StepResult, ToolCall
+from safactory.types import Message, Observation, Step, StepResult, ToolCall, Trajectory
 
 
 class AlwaysCalc:
@@ -138,3 +140,117 @@ def test_admission_never_exceeds_the_staleness_bound(arith_tasks):
         # group k (0-based) is trained at version k // 3; it must not start before version k // 3 - eta
         assert all(k // 3 - v <= eta for k, v in enumerate(admitted))
         assert len(admitted) == 3 * (6 + eta + 1)  # admission ran exactly to the bound, no further
+
+
+# ---- the deferred step records, the timer-free episode limit, stream failures ------------------
+
+
+class ScriptedEnv:
+    """Answers each step from a list of StepResults (the last one terminates)."""
+
+    spec = EnvSpec(id="scripted", version="0", max_turns=10)
+
+    def __init__(self, results):
+        self.results = list(results)
+        self.closed = False
+
+    async def reset(self, task, seed):
+        return Observation(messages=[Message(role="user", content="hi")])
+
+    async def step(self, action):
+        return self.results.pop(0)
+
+    async def close(self):
+        self.closed = True
+
+
+def reply(text, **fields):
+    return StepResult(messages=[Message(role="tool", content=text, tool_call_id="c", name="calc")], **fields)
+
+
+def test_steps_are_validated_records_of_what_happened_then(arith_tasks):
+    """Steps are kept as plain fields until the end; the env changing its answers later must not leak in."""
+    task = arith_tasks.tasks("train", 1)[0]
+    first = reply("one", reward=0.25, info={"n": 1})
+    env = ScriptedEnv([first, reply("two", reward=0.5), reply("three", reward=1.0, terminated=True)])
+    traj = asyncio.run(
+        run_episode(
+            lambda: env, AlwaysCalc(), task, seed=0, sampling=SamplingParams(), limits=EpisodeLimits(max_turns=5)
+        )
+    )
+    first.messages.append(Message(role="tool", content="late"))  # after the episode: not in the record
+    first.info["n"] = 2
+    assert traj.termination == "terminated" and traj.success and env.closed
+    assert [s.index for s in traj.steps] == [0, 1, 2]
+    assert all(isinstance(s, Step) and isinstance(s.action, Message) for s in traj.steps)
+    assert [s.observation[0].content for s in traj.steps] == ["one", "two", "three"]
+    assert len(traj.steps[0].observation) == 1 and traj.steps[0].info == {"n": 1}
+    assert traj.reward == 1.75
+    assert traj.steps[0].action.tool_calls[0].name == "calc" and traj.task_hash == task.hash()
+    assert Trajectory.model_validate(traj.model_dump()) == traj  # a valid record through and through
+
+
+def test_a_step_that_does_not_validate_ends_the_episode_as_an_env_error(arith_tasks):
+    """An env answering with unvalidated garbage: recorded as if the episode had stopped at that step."""
+    task = arith_tasks.tasks("train", 1)[0]
+    bad = StepResult.model_construct(messages=["not a message"], reward=0.0, terminated=False, truncated=False, info={})
+    env = ScriptedEnv([reply("one", reward=1.0), bad, reply("three", terminated=True)])
+    traj = asyncio.run(
+        run_episode(
+            lambda: env, AlwaysCalc(), task, seed=0, sampling=SamplingParams(), limits=EpisodeLimits(max_turns=5)
+        )
+    )
+    assert traj.termination == "env_error" and not traj.success and env.closed
+    assert len(traj.steps) == 2 and traj.steps[0].observation[0].content == "one"
+    assert traj.steps[1].observation == [] and traj.steps[1].error.startswith(
+        "env step failed: 1 validation error for Step"
+    )
+    assert traj.error == traj.steps[1].error and traj.reward == 1.0
+
+
+def test_episode_limits_without_and_with_a_wait(arith_tasks):
+    task = arith_tasks.tasks("train", 1)[0]
+    traj = episode(ArithEnv, AlwaysCalc(), task, max_total_tokens=0)
+    assert traj.termination == "token_limit" and not traj.steps
+
+    class SlowPolicy(AlwaysCalc):  # the episode only waits in the policy: the episode's time limit still holds
+        async def generate(self, messages, tools, sampling):
+            await asyncio.sleep(3600)
+
+    traj = episode(ArithEnv, SlowPolicy(), task, timeout_s=0.05)
+    assert traj.termination == "timeout" and not traj.steps and "exceeded" in traj.error
+
+    class Waits(AlwaysCalc):  # suspends every turn, finishes in time
+        async def generate(self, messages, tools, sampling):
+            await asyncio.sleep(0)
+            return await super().generate(messages, tools, sampling)
+
+    traj = episode(ArithEnv, Waits(), task, max_turns=3, timeout_s=5)
+    assert traj.termination == "max_turns" and len(traj.steps) == 3
+
+
+def test_stream_raises_a_failing_sink_and_stops_admitting(arith_tasks):
+    """A failed group is raised (never lost), no group is admitted after it is seen, the rest are cancelled."""
+    tasks = arith_tasks.tasks("train", 20)
+
+    async def go(blocking):
+        state = {"version": 0}
+        runner = RolloutRunner(ArithEnv, ArithExpert(), limits=EpisodeLimits(), concurrency=2)
+        sunk = []
+
+        async def sink(group):
+            sunk.append(group)
+            if len(sunk) == 2:
+                raise OSError("disk full")
+
+        admission = Admission(groups_per_batch=2 if blocking else 100, eta=0, version=lambda: state["version"])
+        job = asyncio.create_task(runner.stream(iter(tasks), 2, SamplingParams(), admission, sink))
+        # blocking: both admitted groups finish (one sink fails) while admission holds the stream,
+        # and the version never moves (the trainer waits for those groups): it must raise anyway
+        with pytest.raises(OSError, match="disk full"):
+            await asyncio.wait_for(job, 60)
+        return admission.started, runner.episodes_done
+
+    started, done = asyncio.run(go(blocking=True))
+    assert started == 2 and done == 4  # nothing was admitted after the failure
+    asyncio.run(go(blocking=False))  # raised too when every group had finished before the stream looked

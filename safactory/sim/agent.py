@@ -5,15 +5,19 @@ tool call is answered by the environment with an error observation, and a policy
 or environment failure, a timeout or a limit ends the episode with a recorded
 `termination` reason. The trajectory keeps every step taken before that.
 
-The loop is on the hot path of every rollout, so it skips per-step work that buys
-nothing (see benchmarks/rollout_overhead.py):
+The loop is on the hot path of every rollout, so it skips work that buys nothing
+(see benchmarks/rollout_overhead.py):
 
 * an env call that finishes without suspending (the usual case for in-process
   environments) runs without arming a timer, since none could fire while it runs;
-  one that suspends is bounded by the same deadline as with `asyncio.wait_for`;
+  one that suspends is bounded by the same deadline as with `asyncio.wait_for`.
+  The episode's own time limit works the same way;
 * the sampling parameters are copied once per distinct token budget, not per turn;
-* each step is one validated record, built once the environment has answered,
-  rather than a record plus field assignments.
+* during the episode each step is kept as a plain dict of its fields (the action
+  message itself is validated at once, since the env and the policy get it); at the
+  end the trajectory and all its steps are validated in one pydantic-core call, which
+  costs less than building each record from Python. A step that does not validate
+  ends the trajectory there with an env error, as if the episode had stopped at it.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from safactory.policy.base import Policy, SamplingParams
-from safactory.sim.env import Environment
-from safactory.types import Message, Step, Task, TokenTrace, Trajectory
+from safactory.sim.env import Environment, EnvSpec
+from safactory.types import Message, Step, Task, TokenTrace, ToolSpec, Trajectory
 
 _T = TypeVar("_T")
 
@@ -124,33 +130,124 @@ async def run_episode(
     """Run one episode and return its trajectory (never raises for episode-level failures)."""
     started = time.time()
     env = env_factory()
-    traj = Trajectory(
+    traj, _ = await play_episode(
+        env,
+        policy,
+        task,
+        seed=seed,
+        sampling=sampling,
+        limits=limits,
         run_id=run_id,
         group_id=group_id,
         kind=kind,
-        task=task,
-        task_hash=task.hash(),
-        env_id=env.spec.id,
-        env_version=env.spec.version,
-        seed=seed,
-        started_at=started,
-        tags=dict(tags or {}),
-        provenance=dict(provenance or {}),
+        tags=tags,
+        provenance=provenance,
+        started=started,
     )
+    return traj
+
+
+class _Record:
+    """What an episode has recorded so far; it becomes the validated Trajectory at the end."""
+
+    __slots__ = ("prompt", "tools", "steps", "error", "success", "reset_error")
+
+    def __init__(self) -> None:
+        self.prompt: list[Message] = []
+        self.tools: list[ToolSpec] = []
+        self.steps: list[dict[str, Any]] = []  # the fields of each Step, validated with the trajectory
+        self.error: str | None = None
+        self.success = False
+        self.reset_error: BaseException | None = None
+
+
+async def play_episode(
+    env: Environment,
+    policy: Policy,
+    task: Task,
+    *,
+    seed: int,
+    sampling: SamplingParams,
+    limits: EpisodeLimits,
+    run_id: str = "",
+    group_id: str = "",
+    kind: str = "rollout",
+    tags: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+    task_hash: str | None = None,
+    started: float | None = None,
+) -> tuple[Trajectory, BaseException | None]:
+    """`run_episode` on an env already built; also returns what the env's `reset` raised, if it did.
+
+    `task_hash` may be passed when the caller already has `task.hash()` (one per group);
+    `started` is when the episode began (default: now). The env is closed on every way out.
+    """
+    if started is None:
+        started = time.time()
+    record = _Record()
     try:
-        async with asyncio.timeout(limits.timeout_s):
-            traj.termination = await _loop(env, policy, task, seed, sampling, limits, traj)
+        spec = env.spec
+        if task_hash is None:
+            task_hash = task.hash()
+        # No timer unless the episode suspends: an episode that never waits cannot time out.
+        termination = await bounded(_loop(env, policy, task, seed, sampling, limits, spec, record), limits.timeout_s)
     except TimeoutError:
-        traj.termination = "timeout"
-        traj.error = f"episode exceeded {limits.timeout_s} s"
+        termination = "timeout"
+        record.error = f"episode exceeded {limits.timeout_s} s"
     finally:
         try:
             await bounded(env.close(), limits.env_timeout_s)
         except Exception as exc:  # closing is best effort; the episode's data is already recorded
-            traj.tags["close_error"] = repr(exc)
-    traj.duration_s = time.time() - started
-    traj.reward = sum(s.reward or 0.0 for s in traj.steps)
-    return traj
+            tags = {**(tags or {}), "close_error": repr(exc)}
+    data = {
+        "run_id": run_id,
+        "group_id": group_id,
+        "kind": kind,
+        "task": task,
+        "task_hash": task_hash,
+        "env_id": spec.id,
+        "env_version": spec.version,
+        "seed": seed,
+        "prompt": record.prompt,
+        "tools": record.tools,
+        "steps": record.steps,
+        "success": record.success,
+        "termination": termination,
+        "error": record.error,
+        "provenance": provenance or {},
+        "started_at": started,
+        "duration_s": time.time() - started,
+        "tags": tags or {},
+    }
+    try:
+        traj = _validate_trajectory(data)  # the trajectory and all its steps, validated in one call
+    except ValidationError:
+        traj = _salvage(data)
+    traj.reward = sum([s.reward or 0.0 for s in traj.steps])
+    return traj, record.reset_error
+
+
+def _salvage(data: dict[str, Any]) -> Trajectory:
+    """The trajectory when a step does not validate (an env answered with malformed data).
+
+    Recorded as if the episode had ended at that step with an env error, which is what
+    validating the step right after the env answered would have recorded. Raises if no
+    step is at fault (as building the trajectory up front would have).
+    """
+    steps = data["steps"]
+    for i, step in enumerate(steps):
+        try:
+            Step.model_validate(step)
+        except ValidationError as exc:
+            error = f"env step failed: {exc!r}"
+            failed = {"index": step["index"], "action": step["action"], "trace": step.get("trace"), "error": error}
+            data = {**data, "steps": [*steps[:i], failed], "termination": "env_error", "error": error, "success": False}
+            break
+    return Trajectory.model_validate(data)
+
+
+_validate_trajectory = Trajectory.__pydantic_validator__.validate_python
+_validate_message = Message.__pydantic_validator__.validate_python
 
 
 async def _loop(
@@ -160,36 +257,40 @@ async def _loop(
     seed: int,
     sampling: SamplingParams,
     limits: EpisodeLimits,
-    traj: Trajectory,
+    spec: EnvSpec,
+    record: _Record,
 ) -> str:
     env_timeout_s = limits.env_timeout_s
     try:
         obs = await bounded(env.reset(task, seed), env_timeout_s)
     except Exception as exc:
-        traj.error = f"reset failed: {exc!r}"
+        record.reset_error = exc
+        record.error = f"reset failed: {exc!r}"
         return "env_error"
-    traj.prompt = list(obs.messages)
-    traj.tools = list(obs.tools)
+    record.prompt = list(obs.messages)
+    record.tools = list(obs.tools)
     messages: list[Message] = list(obs.messages)
     tools = obs.tools
-    steps = traj.steps
+    steps = record.steps
+    generate, env_step = policy.generate, env.step
     clock = asyncio.get_running_loop().time
-    max_turns = min(limits.max_turns, env.spec.max_turns)
+    max_turns = min(limits.max_turns, spec.max_turns)
     tokens_used = 0
-    by_budget: dict[int, SamplingParams] = {}  # one copy per distinct token budget, not one per turn
+    params, budget = sampling, None  # params: `sampling` with max_tokens = budget
     for turn in range(max_turns):
-        budget = min(limits.max_tokens_per_turn, limits.max_total_tokens - tokens_used)
-        if budget <= 0:
-            return "token_limit"
-        params = by_budget.get(budget)
-        if params is None:
-            params = by_budget[budget] = sampling.model_copy(update={"max_tokens": budget})
+        turn_budget = min(limits.max_tokens_per_turn, limits.max_total_tokens - tokens_used)
+        if turn_budget != budget:  # one copy per distinct budget, not one per turn
+            if turn_budget <= 0:
+                return "token_limit"
+            params, budget = sampling.model_copy(update={"max_tokens": turn_budget}), turn_budget
         try:
-            completion = await policy.generate(messages, tools, params)
+            completion = await generate(messages, tools, params)
         except Exception as exc:
-            traj.error = f"policy failed: {exc!r}"
+            record.error = f"policy failed: {exc!r}"
             return "policy_error"
-        action = Message(role="assistant", content=completion.text, tool_calls=completion.tool_calls)
+        action = _validate_message(
+            {"role": "assistant", "content": completion.text, "tool_calls": completion.tool_calls}
+        )
         trace = None
         if completion.token_ids is not None and completion.prompt_ids is not None:
             tokens_used += len(completion.token_ids)
@@ -204,10 +305,10 @@ async def _loop(
                 finish_reason=completion.finish_reason,
             )
         messages.append(action)
-        # The step is recorded once the env has answered (one record instead of a record and
-        # field assignments); every other way out of the env call records it too.
+        # The step's fields are kept as a dict and validated with the trajectory at the end
+        # (copies of the env's list and dict, so that later changes to them do not leak in).
         try:
-            call = env.step(action)
+            call = env_step(action)
             if type(call) is CoroutineType:  # bounded() inlined: this runs once per step
                 deadline = clock() + env_timeout_s
                 try:
@@ -216,30 +317,29 @@ async def _loop(
                     result = stop.value
             else:
                 result = await asyncio.wait_for(call, env_timeout_s)
-            step = Step(
-                index=turn,
-                action=action,
-                observation=result.messages,
-                reward=result.reward,
-                info=result.info,
-                trace=trace,
-                error=completion.parse_error,
-            )
+            observation = list(result.messages)
+            step = {"index": turn, "action": action, "observation": observation, "reward": result.reward}
+            if (info := result.info) != {}:  # fields at their defaults are left to the validation
+                step["info"] = dict(info)
+            if trace is not None:
+                step["trace"] = trace
+            if completion.parse_error is not None:
+                step["error"] = completion.parse_error
+            steps.append(step)
         except TimeoutError as exc:
-            traj.error = f"env step timed out: {exc!r}"
-            steps.append(Step(index=turn, action=action, trace=trace, error=traj.error))
+            record.error = f"env step timed out: {exc!r}"
+            steps.append({"index": turn, "action": action, "trace": trace, "error": record.error})
             return "env_timeout"
         except Exception as exc:
-            traj.error = f"env step failed: {exc!r}"
-            steps.append(Step(index=turn, action=action, trace=trace, error=traj.error))
+            record.error = f"env step failed: {exc!r}"
+            steps.append({"index": turn, "action": action, "trace": trace, "error": record.error})
             return "env_error"
         except BaseException:  # cancelled, or the episode's own timeout: keep the action taken
-            steps.append(Step(index=turn, action=action, trace=trace, error=completion.parse_error))
+            steps.append({"index": turn, "action": action, "trace": trace, "error": completion.parse_error})
             raise
-        steps.append(step)
-        messages.extend(result.messages)
+        messages.extend(observation)
         if result.terminated:
-            traj.success = bool(result.info.get("success", (result.reward or 0.0) > 0))
+            record.success = bool(result.info.get("success", (result.reward or 0.0) > 0))
             return "terminated"
         if result.truncated:
             return "truncated"

@@ -27,15 +27,16 @@ import asyncio
 import hashlib
 import inspect
 import random
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from safactory.policy.base import Policy, SamplingParams
-from safactory.sim.agent import EpisodeLimits, run_episode
-from safactory.sim.env import Environment, EnvSpec
+from safactory.sim.agent import EpisodeLimits, play_episode
+from safactory.sim.env import Environment
 from safactory.sim.remote import RemoteEnvUnavailable, SessionLimitError
-from safactory.types import Message, Observation, StepResult, Task, Trajectory, uuid7
+from safactory.types import Task, Trajectory, uuid7
 
 _T = TypeVar("_T")
 
@@ -74,32 +75,6 @@ class StartRetry:
     def delay_s(self, attempt: int) -> float:
         """The wait after failed attempt number `attempt` (1-based)."""
         return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s) * random.uniform(0.5, 1.0)
-
-
-class _StartProbe:
-    """Stands in for an env for one episode and remembers what its `reset` raised.
-
-    `step` and `close` are the env's own bound methods, so a step costs nothing extra.
-    """
-
-    __slots__ = ("env", "step", "close", "reset_error")
-
-    def __init__(self, env: Environment) -> None:
-        self.env = env
-        self.step: Callable[[Message], Awaitable[StepResult]] = env.step
-        self.close: Callable[[], Awaitable[None]] = env.close
-        self.reset_error: BaseException | None = None
-
-    @property
-    def spec(self) -> EnvSpec:
-        return self.env.spec
-
-    async def reset(self, task: Task, seed: int) -> Observation:
-        try:
-            return await self.env.reset(task, seed)
-        except BaseException as exc:
-            self.reset_error = exc
-            raise
 
 
 async def gather_or_cancel(coros: list[Coroutine[Any, Any, _T]]) -> list[_T]:
@@ -190,7 +165,14 @@ class RolloutRunner:
         self.start_retries = 0
 
     async def _episode(
-        self, task: Task, index: int, group_id: str, sampling: SamplingParams, kind: str, tags: dict[str, Any]
+        self,
+        task: Task,
+        index: int,
+        group_id: str,
+        task_hash: str,
+        sampling: SamplingParams,
+        kind: str,
+        tags: dict[str, Any],
     ) -> Trajectory:
         seed = episode_seed(self.seed, task.id, index)
         attempt = 0
@@ -198,14 +180,16 @@ class RolloutRunner:
             attempt += 1
             async with self._slots:
                 provenance = self.provenance() if self.provenance else None
-                traj, start_error = await self._attempt(task, seed, group_id, sampling, kind, tags, provenance)
+                traj, start_error = await self._attempt(
+                    task, seed, group_id, task_hash, sampling, kind, tags, provenance
+                )
             if start_error is None or attempt >= self.retry.attempts or not self.retry.retryable(start_error):
                 break
             self.start_retries += 1
             await asyncio.sleep(self.retry.delay_s(attempt))
         if traj is None:
             assert start_error is not None
-            traj = self._start_failure(task, seed, group_id, kind, tags, provenance, start_error)
+            traj = self._start_failure(task, seed, group_id, task_hash, kind, tags, provenance, start_error)
         traj.tags["attempts"] = attempt
         self.episodes_done += 1
         if self.on_episode is not None:
@@ -217,6 +201,7 @@ class RolloutRunner:
         task: Task,
         seed: int,
         group_id: str,
+        task_hash: str,
         sampling: SamplingParams,
         kind: str,
         tags: dict[str, Any],
@@ -227,40 +212,33 @@ class RolloutRunner:
         The trajectory is None when the env could not be built; the error is set when
         building the env or its `reset` raised, so the caller can decide to retry.
         """
-        probes: list[_StartProbe] = []
-
-        def make_env() -> Environment:
-            probe = _StartProbe(self.env_factory())
-            probes.append(probe)
-            return probe
-
+        started = time.time()
         try:
-            traj = await run_episode(
-                make_env,
-                self.policy,
-                task,
-                seed=seed,
-                sampling=sampling,
-                limits=self.limits,
-                run_id=self.run_id,
-                group_id=group_id,
-                kind=kind,
-                tags=tags,
-                provenance=provenance,
-            )
-        except Exception as exc:  # run_episode raises only when the env cannot be built
-            if probes:
-                raise
+            env = self.env_factory()
+        except Exception as exc:
             return None, exc
-        if not traj.steps and probes[0].reset_error is not None:
-            return traj, probes[0].reset_error
-        return traj, None
+        return await play_episode(
+            env,
+            self.policy,
+            task,
+            seed=seed,
+            sampling=sampling,
+            limits=self.limits,
+            run_id=self.run_id,
+            group_id=group_id,
+            kind=kind,
+            tags=tags,
+            provenance=provenance,
+            task_hash=task_hash,
+            started=started,
+        )
 
     def _start_failure(
         self,
         task: Task,
         seed: int,
         group_id: str,
+        task_hash: str,
         kind: str,
         tags: dict[str, Any],
         provenance: dict[str, Any] | None,
@@ -272,7 +250,7 @@ class RolloutRunner:
             group_id=group_id,
             kind=kind,
             task=task,
-            task_hash=task.hash(),
+            task_hash=task_hash,
             env_id=task.env_id,
             seed=seed,
             tags=dict(tags),
@@ -291,8 +269,9 @@ class RolloutRunner:
         tags: dict[str, Any] | None = None,
     ) -> list[Trajectory]:
         group_id = uuid7()
+        task_hash = task.hash()  # once per group: every episode of it plays the same task
         return await gather_or_cancel(
-            [self._episode(task, i, group_id, sampling, kind, tags or {}) for i in range(group_size)]
+            [self._episode(task, i, group_id, task_hash, sampling, kind, tags or {}) for i in range(group_size)]
         )
 
     async def run_groups(
@@ -317,6 +296,17 @@ class RolloutRunner:
 
         return await gather_or_cancel([one(t) for t in tasks])
 
+    @staticmethod
+    async def _admitted(admission: Admission, settled: asyncio.Future[None]) -> bool:
+        """Wait for admission unless the stream settles first (a group failed); True if admitted."""
+        acquire = asyncio.ensure_future(admission.acquire())
+        await asyncio.wait({acquire, settled}, return_when=asyncio.FIRST_COMPLETED)
+        if acquire.done():
+            return True
+        acquire.cancel()
+        await asyncio.gather(acquire, return_exceptions=True)
+        return False
+
     async def stream(
         self,
         tasks: Iterator[Task],
@@ -331,21 +321,43 @@ class RolloutRunner:
 
         Runs until cancelled or the task iterator ends; in-flight groups are awaited
         on a normal end and cancelled (and awaited, so their envs close) with the stream.
+        A group that raises (the sink failed, or a bug escaped an episode) stops the
+        admission of new groups and is raised once the others are cancelled.
         """
         running: set[asyncio.Task[None]] = set()
+        failures: list[BaseException] = []
+        admitting = True
+        settled = asyncio.get_running_loop().create_future()  # every group finished, or one failed
 
         async def one(task: Task) -> None:
             group = await self.run_group(task, group_size, sampling, tags=tags() if tags else None)
             await sink(group)
 
+        def finished(job: asyncio.Task[None]) -> None:  # the one callback per group (no gather over them)
+            running.discard(job)
+            if not job.cancelled() and job.exception() is not None:
+                failures.append(job.exception())
+            if (failures or not (admitting or running)) and not settled.done():
+                settled.set_result(None)
+
         try:
             for task in tasks:
-                await admission.acquire()
+                if failures:
+                    break
+                if admission.allowed():
+                    await admission.acquire()  # returns at once
+                elif not await self._admitted(admission, settled):
+                    break  # a group failed while the stream waited for admission
+                if failures:
+                    break
                 job = asyncio.create_task(one(task))
                 running.add(job)
-                job.add_done_callback(running.discard)
-            if running:
-                await asyncio.gather(*running)
+                job.add_done_callback(finished)
+            admitting = False
+            if running and not failures:
+                await settled
+            if failures:
+                raise failures[0]
         finally:
             pending = list(running)
             for job in pending:
