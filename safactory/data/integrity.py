@@ -1,7 +1,8 @@
 """Integrity and provenance: chain verification of a store, weights hashes, code versions.
 
-Every trajectory carries the sha256 of its canonical JSON (`content_hash`) and the
-hash of the trajectory stored before it in the same run (`prev_hash`); each run
+Every trajectory carries the sha256 of its canonical encoding (`content_hash`, see
+`Trajectory.compute_hash`) and the hash of the trajectory stored before it in the same
+run (`prev_hash`); each run
 records its chain head (count and last hash). `verify` walks every chain and names
 the first trajectory that was modified, or that follows a deleted or reordered one,
 and notices deletions at the end of a chain through the head.

@@ -1,7 +1,9 @@
 """TrajectoryStore: every trajectory, token-exact, with integrity hashes and lineage, on SQLAlchemy.
 
 SQLite (WAL mode) is the embedded default; a PostgreSQL URL works with the same
-code. The schema is versioned (`safactory_meta.schema_version`, checked on open).
+code. The schema is versioned (`safactory_meta.schema_version`, checked on open; a
+version-3 store has the same tables and is marked 4 on open, its trajectories keeping
+their version-3 hashes).
 
 Layout (storage grows linearly with the number of steps):
   runs            config, config hash, code version, chain head (count + last hash)
@@ -17,7 +19,9 @@ Layout (storage grows linearly with the number of steps):
 
 Ingest is idempotent (an id already stored is skipped) and transactional; each
 trajectory gets a sha256 content hash and the previous hash of its run (a per-run
-chain) that `safactory.data.integrity.verify` walks.
+chain) that `safactory.data.integrity.verify` walks. The content hash is taken over the
+very texts and blobs the rows hold (`safactory.types.encode_trajectory`), so each part
+of a trajectory is serialised once, by pydantic-core.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic_core import to_json
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -50,7 +56,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 
-from safactory.types import SCHEMA_VERSION, Step, Task, TokenTrace, Trajectory, canonical_json, sha256_hex
+from safactory.types import (
+    SCHEMA_VERSION,
+    Step,
+    Task,
+    TokenTrace,
+    Trajectory,
+    canonical_json,
+    encode_trajectory,
+    sha256_hex,
+)
 
 if TYPE_CHECKING:
     from safactory.data.redact import Redactor
@@ -198,27 +213,146 @@ gate_decisions = Table(
     Column("created_at", Float, nullable=False),
 )
 
-_META_FIELDS = ("schema_version", "prompt", "tools", "tags", "provenance", "started_at", "duration_s")
+_UPGRADABLE = {3}  # store schemas opened as they are and marked as SCHEMA_VERSION
 
-
-def _ids_blob(ids: list[int]) -> bytes:
-    return np.asarray(ids, dtype="<i4").tobytes()
+TASK_COLUMNS = ("hash", "task_id", "env_id", "split", "body")
+TRAJECTORY_COLUMNS = (
+    "id",
+    "run_id",
+    "kind",
+    "group_id",
+    "task_hash",
+    "task_id",
+    "split",
+    "env_id",
+    "env_version",
+    "seed",
+    "policy_version",
+    "n_steps",
+    "reward",
+    "success",
+    "termination",
+    "error",
+    "created_at",
+    "content_hash",
+    "prev_hash",
+    "meta",
+)
+STEP_COLUMNS = ("trajectory_id", "idx", "action", "observation", "reward", "info", "error")
+TRACE_COLUMNS = (
+    "trajectory_id",
+    "turn",
+    "policy_version",
+    "policy_versions",
+    "temperature",
+    "top_p",
+    "finish_reason",
+    "prefix_len",
+    "prompt_suffix",
+    "completion_ids",
+    "logprobs",
+)
 
 
 def _blob_ids(blob: bytes) -> list[int]:
     return np.frombuffer(blob, dtype="<i4").astype(np.int64).tolist()
 
 
-def _shared_prefix(previous: list[int], prompt: list[int]) -> int:
-    n = min(len(previous), len(prompt))
-    if n == 0:
-        return 0
-    diff = np.nonzero(np.asarray(previous[:n]) != np.asarray(prompt[:n]))[0]
-    return int(diff[0]) if len(diff) else n
-
-
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_task_json = Task.__pydantic_serializer__.to_json
+
+
+class TaskHashes:
+    """Task hashes by the task's pydantic JSON: a task seen before (a group's trajectories,
+    the next epoch) skips its sorted-key canonical JSON. Equal pydantic JSON means an equal
+    task (the canonical form only adds key sorting); bounded, cleared when full."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._by_json: dict[bytes, tuple[str, str]] = {}
+
+    def get(self, task: Task) -> tuple[str, str]:
+        """(hash, canonical JSON body) of `task`."""
+        key = _task_json(task)
+        found = self._by_json.get(key)
+        if found is None:
+            body = canonical_json(task.model_dump())
+            found = (sha256_hex(body), body)
+            if len(self._by_json) >= self.size:
+                self._by_json.clear()
+            self._by_json[key] = found
+        return found
+
+
+def _task_rows(items: list[Trajectory], hashes: TaskHashes) -> dict[str, tuple[Any, ...]]:
+    """Set each trajectory's `task_hash`; return the rows of their distinct tasks, by hash."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for traj in items:
+        task = traj.task
+        digest, body = hashes.get(task)
+        if digest not in out:
+            out[digest] = (digest, task.id, task.env_id, task.split, body)
+        traj.task_hash = digest
+    return out
+
+
+def _versions_text(versions: list[int]) -> str:
+    if not versions:
+        return "[]"
+    if len(versions) == 1 and type(versions[0]) is int:
+        return f"[{versions[0]}]"
+    return to_json(versions).decode()
+
+
+def _rows(
+    traj: Trajectory, prev_hash: str, created_at: float, traj_rows: list, step_rows: list, trace_rows: list
+) -> None:
+    """Hash and chain one trajectory (its `task_hash` set already by `_task_rows`) and append
+    its rows, columns as in *_COLUMNS. The row texts and blobs are the very parts
+    `encode_trajectory` hashed, so each is serialised once."""
+    enc = encode_trajectory(traj, traj.task_hash)
+    # a trajectory recorded as version 3 keeps its original (sorted-key JSON) hash
+    traj.content_hash = enc.content_hash if traj.schema_version >= 4 else traj.compute_hash()
+    traj.prev_hash = prev_hash
+    tid = traj.id
+    policy_version: int | None = None
+    for index, reward, error, action, observation, info, trace in enc.steps:
+        step_rows.append((tid, index, action.decode(), observation.decode(), reward, info.decode(), error))
+        if trace is None:
+            continue
+        version, versions, *rest = trace
+        top = max(versions) if versions else version
+        if policy_version is None or top > policy_version:
+            policy_version = top
+        trace_rows.append((tid, index, version, _versions_text(versions), *rest))
+    task = traj.task
+    traj_rows.append(
+        (
+            tid,
+            traj.run_id,
+            traj.kind,
+            traj.group_id,
+            traj.task_hash,
+            task.id,
+            task.split,
+            traj.env_id,
+            traj.env_version,
+            traj.seed,
+            policy_version,
+            len(traj.steps),
+            traj.reward,
+            traj.success,
+            traj.termination,
+            traj.error,
+            created_at,
+            traj.content_hash,
+            prev_hash,
+            enc.meta.decode(),
+        )
+    )
 
 
 class TrajectoryStore:
@@ -228,6 +362,7 @@ class TrajectoryStore:
         """`redactor`: when given, every trajectory is redacted (secrets, emails, ...) before it is stored."""
         self.url = url
         self.redactor = redactor
+        self._task_hashes = TaskHashes()
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(url)
@@ -245,6 +380,11 @@ class TrajectoryStore:
             row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
             if row is None:
                 conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row[0]) in _UPGRADABLE:
+                # same tables; its trajectories keep their version-3 hashes (each records its version)
+                conn.execute(
+                    update(meta_table).where(meta_table.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
+                )
             elif int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self.url} holds store schema {row[0]}, this safactory speaks {SCHEMA_VERSION}; "
@@ -292,9 +432,8 @@ class TrajectoryStore:
         if self.redactor is not None:
             batch = [self.redactor.redact_trajectory(t) for t in batch]
         with self.engine.begin() as conn:
-            known = set(
-                conn.execute(select(trajectories.c.id).where(trajectories.c.id.in_([t.id for t in batch]))).scalars()
-            )
+            _lock_runs(conn, sorted({t.run_id for t in batch}))
+            known = {r[0] for r in _select_in(conn, trajectories, ("id",), "id", [t.id for t in batch])}
             fresh: list[Trajectory] = []
             for traj in batch:
                 if traj.id not in known:
@@ -302,109 +441,37 @@ class TrajectoryStore:
                     fresh.append(traj)
             if not fresh:
                 return 0
-            for traj in fresh:
-                traj.task_hash = traj.task.hash()
-            self._insert_tasks(conn, [(t.task_hash, t.task) for t in fresh])
+            task_rows = _task_rows(fresh, self._task_hashes)
+            self._insert_tasks(conn, task_rows)
             heads = self._heads(conn, {t.run_id for t in fresh})
+            now = time.time()
             traj_rows, step_rows, trace_rows = [], [], []
             for traj in fresh:
                 if traj.run_id not in heads:
                     raise KeyError(f"run {traj.run_id!r} does not exist; call create_run first")
-                traj.content_hash = traj.compute_hash()
                 count, last = heads[traj.run_id]
-                traj.prev_hash = last
+                _rows(traj, last, now, traj_rows, step_rows, trace_rows)
                 heads[traj.run_id] = (count + 1, traj.content_hash)
-                traj_rows.append(self._traj_row(traj))
-                step_rows += [self._step_row(traj.id, s) for s in traj.steps]
-                trace_rows += self._trace_rows(traj)
-            _bulk_insert(conn, trajectories, traj_rows)
-            _bulk_insert(conn, steps, step_rows)
-            _bulk_insert(conn, token_traces, trace_rows)
-            for run_id, (count, last) in heads.items():
-                conn.execute(update(runs).where(runs.c.id == run_id).values(n_trajectories=count, head_hash=last))
+            _bulk_insert(conn, trajectories, TRAJECTORY_COLUMNS, traj_rows)
+            _bulk_insert(conn, steps, STEP_COLUMNS, step_rows)
+            _bulk_insert(conn, token_traces, TRACE_COLUMNS, trace_rows)
+            mark = _mark(conn)
+            with _cursor(conn) as cursor:
+                cursor.executemany(
+                    f"UPDATE {_name(conn, runs)} SET n_trajectories = {mark}, head_hash = {mark} WHERE id = {mark}",
+                    [(count, last, run_id) for run_id, (count, last) in heads.items()],
+                )
         return len(fresh)
 
     @staticmethod
-    def _insert_tasks(conn: Connection, items: list[tuple[str, Task]]) -> None:
-        by_hash = dict(items)
-        known = set(conn.execute(select(tasks.c.hash).where(tasks.c.hash.in_(list(by_hash)))).scalars())
-        _bulk_insert(conn, tasks, [TrajectoryStore._task_row(t) for h, t in by_hash.items() if h not in known])
-
-    @staticmethod
-    def _task_row(task: Task) -> dict[str, Any]:
-        body = canonical_json(task.model_dump())
-        return {"hash": sha256_hex(body), "task_id": task.id, "env_id": task.env_id, "split": task.split, "body": body}
+    def _insert_tasks(conn: Connection, rows: dict[str, tuple[Any, ...]]) -> None:
+        known = {r[0] for r in _select_in(conn, tasks, ("hash",), "hash", list(rows))}
+        _bulk_insert(conn, tasks, TASK_COLUMNS, [r for h, r in rows.items() if h not in known])
 
     @staticmethod
     def _heads(conn: Connection, run_ids: set[str]) -> dict[str, tuple[int, str]]:
-        rows = conn.execute(select(runs.c.id, runs.c.n_trajectories, runs.c.head_hash).where(runs.c.id.in_(run_ids)))
+        rows = _select_in(conn, runs, ("id", "n_trajectories", "head_hash"), "id", list(run_ids))
         return {r[0]: (r[1], r[2]) for r in rows}
-
-    @staticmethod
-    def _traj_row(traj: Trajectory) -> dict[str, Any]:
-        versions = traj.policy_versions()
-        meta = traj.model_dump(mode="json", include=set(_META_FIELDS))
-        return {
-            "id": traj.id,
-            "run_id": traj.run_id,
-            "kind": traj.kind,
-            "group_id": traj.group_id,
-            "task_hash": traj.task_hash,
-            "task_id": traj.task.id,
-            "split": traj.task.split,
-            "env_id": traj.env_id,
-            "env_version": traj.env_version,
-            "seed": traj.seed,
-            "policy_version": max(versions) if versions else None,
-            "n_steps": len(traj.steps),
-            "reward": traj.reward,
-            "success": traj.success,
-            "termination": traj.termination,
-            "error": traj.error,
-            "created_at": time.time(),
-            "content_hash": traj.content_hash,
-            "prev_hash": traj.prev_hash,
-            "meta": _dumps(meta),
-        }
-
-    @staticmethod
-    def _step_row(traj_id: str, step: Step) -> dict[str, Any]:
-        return {
-            "trajectory_id": traj_id,
-            "idx": step.index,
-            "action": _dumps(step.action.model_dump(mode="json")),
-            "observation": _dumps([m.model_dump(mode="json") for m in step.observation]),
-            "reward": step.reward,
-            "info": _dumps(step.info),
-            "error": step.error,
-        }
-
-    @staticmethod
-    def _trace_rows(traj: Trajectory) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        previous: list[int] = []
-        for step in traj.steps:
-            tr = step.trace
-            if tr is None:
-                continue
-            prefix = _shared_prefix(previous, tr.prompt_ids)
-            rows.append(
-                {
-                    "trajectory_id": traj.id,
-                    "turn": step.index,
-                    "policy_version": tr.policy_version,
-                    "policy_versions": _dumps(tr.policy_versions),
-                    "temperature": tr.temperature,
-                    "top_p": tr.top_p,
-                    "finish_reason": tr.finish_reason,
-                    "prefix_len": prefix,
-                    "prompt_suffix": _ids_blob(tr.prompt_ids[prefix:]),
-                    "completion_ids": _ids_blob(tr.completion_ids),
-                    "logprobs": None if tr.logprobs is None else np.asarray(tr.logprobs, dtype="<f4").tobytes(),
-                }
-            )
-            previous = tr.prompt_ids + tr.completion_ids
-        return rows
 
     # ---- read -------------------------------------------------------------------------
     def get(self, ids: list[str]) -> list[Trajectory]:
@@ -721,23 +788,79 @@ class TrajectoryStore:
             return [{**r, "reasons": json.loads(r["reasons"]), "meta": json.loads(r["meta"])} for r in rows]
 
 
-def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """executemany straight through the driver: one statement per table, plain tuples.
+# The ingest path talks to the driver directly, on the connection (and so in the transaction)
+# of the SQLAlchemy `Connection`: plain SQL and tuples of str, int, float, bool, bytes or
+# None, which both sqlite3 and psycopg take as they are. SQLAlchemy's statement compilation
+# and per-value processing would cost about as much as the database work.
 
-    Every value is already a str, int, float, bool, bytes or None, which both sqlite3 and
-    psycopg take as they are, so SQLAlchemy's per-value processing is skipped.
-    """
+
+@contextmanager
+def _cursor(conn: Connection) -> Iterator[Any]:
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
+def _mark(conn: Connection) -> str:
+    return "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+
+def _name(conn: Connection, table: Table, column: str | None = None) -> str:
+    preparer = conn.dialect.identifier_preparer
+    return preparer.format_table(table) if column is None else preparer.quote(column)
+
+
+def _lock_runs(conn: Connection, run_ids: list[str]) -> None:
+    """Take the rows of these runs for this transaction (SQLite: the database's write lock).
+
+    Concurrent adds to a run then serialise: each reads the stored ids and the chain head
+    that the one before it committed, so none skips a check or chains onto a stale head."""
+    driver = conn.connection.driver_connection
+    with _cursor(conn) as cursor:
+        if conn.dialect.name == "sqlite" and not driver.in_transaction:  # type: ignore[union-attr]
+            cursor.execute("BEGIN IMMEDIATE")
+            return
+        marks = ", ".join([_mark(conn)] * len(run_ids))
+        if conn.dialect.name == "postgresql":
+            cursor.execute(f"SELECT id FROM {_name(conn, runs)} WHERE id IN ({marks}) ORDER BY id FOR UPDATE", run_ids)
+        else:
+            cursor.execute(
+                f"UPDATE {_name(conn, runs)} SET n_trajectories = n_trajectories WHERE id IN ({marks})", run_ids
+            )
+
+
+def _select_in(
+    conn: Connection, table: Table, cols: tuple[str, ...], key: str, values: list[Any], chunk: int = 900
+) -> list[tuple[Any, ...]]:
+    """Rows (`cols`) of `table` whose `key` is one of `values`."""
+    mark = _mark(conn)
+    names = ", ".join(_name(conn, table, c) for c in cols)
+    head = f"SELECT {names} FROM {_name(conn, table)} WHERE {_name(conn, table, key)} IN "
+    out: list[tuple[Any, ...]] = []
+    with _cursor(conn) as cursor:
+        for start in range(0, len(values), chunk):
+            part = values[start : start + chunk]
+            cursor.execute(head + f"({', '.join([mark] * len(part))})", tuple(part))
+            out += cursor.fetchall()
+    return out
+
+
+def _bulk_insert(conn: Connection, table: Table, cols: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    """Insert `rows` in the current transaction, on the driver's own cursor: executemany,
+    or on psycopg a COPY, which skips the per-row protocol round of an executemany."""
     if not rows:
         return
-    cols = list(rows[0])
-    style = conn.dialect.paramstyle
-    mark = "?" if style == "qmark" else "%s"
-    preparer = conn.dialect.identifier_preparer
-    sql = (
-        f"INSERT INTO {preparer.format_table(table)} ({', '.join(preparer.quote(c) for c in cols)}) "
-        f"VALUES ({', '.join([mark] * len(cols))})"
-    )
-    conn.exec_driver_sql(sql, [tuple(r[c] for c in cols) for r in rows])
+    names = ", ".join(_name(conn, table, c) for c in cols)
+    with _cursor(conn) as cursor:
+        if conn.dialect.driver == "psycopg":
+            with cursor.copy(f"COPY {_name(conn, table)} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            marks = ", ".join([_mark(conn)] * len(cols))
+            cursor.executemany(f"INSERT INTO {_name(conn, table)} ({names}) VALUES ({marks})", rows)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
