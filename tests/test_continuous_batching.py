@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import random
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from safactory.evolve.losses import token_logprobs
 from safactory.policy.base import Completion, PolicyError, SamplingParams
 from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import build_tiny
+from safactory.policy.slots import KVSlots
 from safactory.types import Message
 from tests.conftest import SMALL
 
@@ -255,7 +258,7 @@ def test_long_prompt_joining_short_rows_and_leaving_again(sharp):
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(sharp):
     policy = make_policy(sharp)
-    real = policy._prefill_and_merge
+    real = policy._forward
     calls = {"n": 0}
 
     def flaky(joining):
@@ -264,7 +267,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(sharp):
             raise RuntimeError("device lost")
         return real(joining)
 
-    policy._prefill_and_merge = flaky
+    policy._forward = flaky
     greedy = SamplingParams(temperature=0.0, max_tokens=5)
 
     async def go():
@@ -290,3 +293,88 @@ def test_close_fails_requests_in_flight(sharp):
 
     after = asyncio.run(go())
     assert len(after.token_ids) == 3  # a closed policy starts again on the next request
+
+
+def test_a_step_is_one_forward_pass_and_the_attention_setting_is_restored(sharp):
+    """Joining prompts ride in the running rows' forward pass: one model call per step, joins or not."""
+    policy = make_policy(sharp)
+    calls = {"n": 0}
+    policy.model.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    before = policy.model.config._attn_implementation
+    sampling = [SamplingParams(temperature=0.0, max_tokens=n) for n in LENGTHS]
+    asyncio.run(staggered(policy, sampling, [0, 2, 0, 3, 1, 5, 0, 2]))
+    log = list(policy.step_log)
+    assert any(r.decoded >= 1 and r.joined >= 1 for r in log)
+    assert calls["n"] == policy.decode_steps == len(log)
+    assert policy.model.config._attn_implementation == before  # the flat attention is switched on per pass only
+
+
+def test_grouped_query_attention_batches_exactly(sharp):
+    """A model whose query heads share key/value heads (like SmolLM2): batched == alone, log-probs == forward."""
+    tok = sharp[1]
+    config = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_id,
+        eos_token_id=tok.eos_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.2)
+    policy = make_policy((model, tok))
+    greedy = [SamplingParams(temperature=0.0, max_tokens=n) for n in LENGTHS]
+
+    async def go():
+        joined = await staggered(policy, greedy, [0, 2, 0, 3, 1, 5, 0, 2])
+        alone = [await policy.generate(p, [], s) for p, s in zip(PROMPTS, greedy, strict=True)]
+        warm = [SamplingParams(temperature=0.8, max_tokens=n) for n in LENGTHS]
+        sampled = await staggered(policy, warm, [0, 1, 1, 2, 0, 3, 1, 1])
+        return joined, alone, sampled
+
+    joined, alone, sampled = asyncio.run(go())
+    assert [c.token_ids for c in joined] == [c.token_ids for c in alone]
+    for c in sampled:
+        expected = forward_logprobs(policy.model, c.prompt_ids, c.token_ids, 0.8)
+        assert max(abs(a - b) for a, b in zip(c.logprobs, expected, strict=True)) < 1e-4
+
+
+def test_kv_slots_keep_every_rows_entries_through_joins_leaves_and_moves():
+    """Random joins (short and long prompts) and leaves: each row's masked cache entries are exactly its tokens."""
+    rng = random.Random(0)
+    slots = KVSlots(torch.device("cpu"))
+    histories: list[list[float]] = []
+    counter = 0.0
+    for _ in range(400):
+        joins = [rng.choice([1, 3, 8, 30, 90]) for _ in range(rng.choice([0, 0, 0, 1, 2, 5]))]
+        if not histories and not joins:
+            joins = [rng.randint(1, 40)]
+        plan = slots.plan(len(histories), joins)
+        values = []
+        for history in histories:  # one pending token per running row
+            counter += 1
+            history.append(counter)
+            values.append(counter)
+        for length in joins:
+            prompt = [counter + 1 + i for i in range(length)]
+            counter += length
+            histories.append(prompt)
+            values += prompt
+        kv_1GN1 = torch.tensor(values).reshape(1, 1, -1, 1)
+        plan.attend(0, kv_1GN1, kv_1GN1, kv_1GN1, 1.0)
+        keys, mask = slots.keys[0], slots.mask_BL
+        window = slice(slots.base, slots.base + slots.length)
+        for b, history in enumerate(histories):
+            assert keys[b, 0, window, 0][mask[b, window]].tolist() == history
+        keep = sorted(rng.sample(range(len(histories)), k=rng.randint(len(histories) // 2, len(histories))))
+        order = slots.keep(keep)
+        histories = [histories[b] for b in order]
+        assert slots.rows == len(histories) and (not histories or min(slots.starts) == 0)

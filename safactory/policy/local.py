@@ -1,23 +1,23 @@
 """A local policy on a Hugging Face causal LM with continuous batching and weight hot swap.
 
 Every `generate` call queues a request. A worker task runs decode steps in a worker
-thread, one at a time. At each step:
+thread, one at a time. A step is one forward pass over a flat, unpadded sequence:
+the pending token of every running row, then the prompts of the requests that
+arrived since the last step (see `safactory.policy.slots`: the attention of that
+pass writes each token's keys and values into `KVSlots`, per-layer buffers with
+spare room, and attends each row to its own cache). Then:
 
-1. the running rows (one pending token each) take one decode step together over a
-   left-padded KV cache (`KVSlots`: per-layer buffers with spare room that the model
-   writes into in place through a transformers `Cache` of our own layers);
-2. requests that arrived since the last step are prefilled as their own left-padded
-   batch, and their KV rows are copied into the running cache, right-aligned;
-3. every row that sampled a token checks its stop conditions; finished rows (and
-   rows whose caller gave up) leave the batch at once: the last rows move into their
-   places in the cache, and leading columns no remaining row needs are dropped, so
-   they stop costing compute.
+1. one sampling call over the whole batch gives every row its next token and log-prob;
+2. every row checks its stop conditions; finished rows (and rows whose caller gave
+   up) leave the batch at once: the last rows move into their places in the cache,
+   and leading columns no remaining row needs are dropped, so they stop costing
+   compute.
 
 So a request joins at the next decode step instead of waiting for the whole batch
 to finish. `LocalPolicy(..., continuous=False)` keeps the older static batching
 (take all waiting requests, run them until every row finishes) for comparison; it
 is also what runs for models whose cache is not plain full attention (sliding
-windows, linear attention) and with transformers older than 4.56.
+windows, linear attention) or that do not take transformers' pluggable attention.
 
 Each sampled token's log-prob is that of the distribution actually sampled from
 (temperature and top-p applied), recorded per token: the behaviour log-probs.
@@ -37,31 +37,24 @@ touches exactly one version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-try:  # transformers >= 4.56 keeps the KV cache as a list of layer objects; continuous batching needs that
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    _LAYER_CACHES = True
-except ImportError:  # older versions: static batching only
-    Cache = DynamicLayer = object  # type: ignore[assignment,misc]
-    _LAYER_CACHES = False
-
 from safactory.policy.base import Completion, PolicyError, SamplingParams
 from safactory.policy.chat import ChatRenderer
+from safactory.policy.slots import HAVE_ATTENTION_INTERFACE, SLOTS_ATTENTION, KVSlots
 from safactory.types import Message, ToolCall, ToolSpec
 
 log = logging.getLogger(__name__)
-
-KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -139,164 +132,14 @@ def sample_tokens(
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
-# ---- the KV cache of the running batch -------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 1).bit_length()
-
-
-class KVSlots:
-    """Per-layer key/value buffers of the running batch, shaped [rows, heads, columns, head_dim] with spare room.
-
-    Rows 0..`rows`-1 are the running requests; columns 0..`length`-1 hold their
-    left-padded KV entries, `mask_BL` marks the real ones. A decode step writes one
-    column in place (no copy of the cache); a joining request's prefilled KV is
-    copied into a new row, right-aligned with the others; a leaving row is replaced
-    by the last row (only moved rows are copied); leading columns that no row needs
-    any more are dropped once they are half the length. Capacities double when full.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.mask_BL = torch.zeros((0, 0), dtype=torch.long, device=device)
-        self.rows = 0
-        self.length = 0
-        self.starts: list[int] = []  # first real column of each row, kept on the host (no device syncs)
-
-    @property
-    def capacity(self) -> tuple[int, int]:
-        return (self.mask_BL.shape[0], self.mask_BL.shape[1])
-
-    def cache(self) -> Any:
-        """A transformers cache whose layers write into these buffers."""
-        return Cache(layers=[_SlotLayer(self, i) for i in range(len(self.keys))])
-
-    def attention_mask(self, extra: int) -> torch.Tensor:
-        """mask_B(L+extra): the running rows' mask with `extra` new columns set (the step's own tokens)."""
-        self._ensure(self.rows, self.length + extra)
-        self.mask_BL[: self.rows, self.length : self.length + extra] = 1
-        return self.mask_BL[: self.rows, : self.length + extra]
-
-    def _ensure(self, rows: int, columns: int) -> None:
-        cap_rows, cap_cols = self.capacity
-        if rows <= cap_rows and columns <= cap_cols:
-            return
-        new_rows = max(cap_rows, _next_pow2(max(rows, 8)))
-        new_cols = max(cap_cols, _next_pow2(max(columns, 64)))
-        B, L = self.rows, self.length
-        mask_BL = self.mask_BL.new_zeros((new_rows, new_cols))
-        mask_BL[:B, :L] = self.mask_BL[:B, :L]
-        self.mask_BL = mask_BL
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                grown = old.new_zeros((new_rows, old.shape[1], new_cols, old.shape[3]))
-                grown[:B, :, :L] = old[:B, :, :L]
-                buffers[i] = grown
-
-    def append(self, kv: KVLayers, mask_BP: torch.Tensor, lengths: list[int]) -> None:
-        """Add rows from a prefill: kv per layer [k, heads, P, head_dim], their mask_BP and prompt lengths."""
-        k, P = mask_BP.shape
-        if not self.keys:  # first rows ever: take shapes, dtype and device from the prefill
-            self.keys = [x.new_zeros((0, x.shape[1], 0, x.shape[3])) for x, _ in kv]
-            self.values = [x.new_zeros((0, x.shape[1], 0, x.shape[3])) for _, x in kv]
-        B, L = self.rows, max(self.length, P)
-        self._ensure(B + k, L + 1)
-        if L > self.length:  # the new prompt is longer than the running rows' cache: shift them right
-            shift = L - self.length
-            for buf in (*self.keys, *self.values):
-                buf[:B, :, shift:L] = buf[:B, :, : self.length].clone()
-            self.mask_BL[:B, shift:L] = self.mask_BL[:B, : self.length].clone()
-            self.mask_BL[:B, :shift] = 0
-            self.length = L
-            self.starts = [start + shift for start in self.starts]
-        for buf, (keys, values) in zip(zip(self.keys, self.values, strict=True), kv, strict=True):
-            buf[0][B : B + k, :, L - P : L] = keys
-            buf[1][B : B + k, :, L - P : L] = values
-        self.mask_BL[B : B + k, : L - P] = 0
-        self.mask_BL[B : B + k, L - P : L] = mask_BP
-        self.starts += [L - n for n in lengths]
-        self.rows = B + k
-
-    def keep(self, keep: list[int]) -> list[int]:
-        """Keep only rows `keep` (ascending); returns the kept old row indices in their new order.
-
-        Each row that leaves from below the new row count is filled by one of the last
-        rows, so only moved rows are copied.
-        """
-        n = len(keep)
-        kept = set(keep)
-        order = list(range(self.rows))
-        movers = [b for b in keep if b >= n]  # kept rows beyond the new end move into holes
-        holes = [b for b in range(n) if b not in kept]
-        if holes:
-            src = torch.tensor(movers, dtype=torch.long, device=self.device)
-            dst = torch.tensor(holes, dtype=torch.long, device=self.device)
-            L = self.length
-            for buf in (*self.keys, *self.values):
-                buf[dst, :, :L] = buf[src, :, :L]
-            self.mask_BL[dst, :L] = self.mask_BL[src, :L]
-            for h, m in zip(holes, movers, strict=True):
-                order[h] = m
-        self.rows = n
-        self.starts = [self.starts[b] for b in order[:n]]
-        self._trim()
-        return order[:n]
-
-    def _trim(self) -> None:
-        B, L = self.rows, self.length
-        if B == 0:
-            self.length, self.starts = 0, []
-            return
-        first = min(self.starts)
-        if first < 16 or 2 * first < L:
-            return
-        for buf in (*self.keys, *self.values):
-            buf[:B, :, : L - first] = buf[:B, :, first:L].clone()
-        self.mask_BL[:B, : L - first] = self.mask_BL[:B, first:L].clone()
-        self.length = L - first
-        self.starts = [start - first for start in self.starts]
-
-
-class _SlotLayer(DynamicLayer):  # type: ignore[misc,valid-type]
-    """One layer of a `KVSlots` seen as a transformers DynamicLayer: `update` writes in place."""
-
-    def __init__(self, slots: KVSlots, index: int) -> None:
-        super().__init__()
-        self.slots, self.index = slots, index
-        self.is_initialized = True
-        self.device = slots.device
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        return None
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.slots
-        B, L, q = s.rows, s.length, key_states.shape[-2]
-        keys, values = s.keys[self.index], s.values[self.index]
-        keys[:B, :, L : L + q] = key_states
-        values[:B, :, L : L + q] = value_states
-        self.keys, self.values = keys[:B, :, : L + q], values[:B, :, : L + q]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return int(self.slots.length)
-
-
-def _cache_layers(cache: Any) -> KVLayers:
-    """(keys_BHLD, values_BHLD) of every layer of a transformers (>= 4.56) cache object."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
 def supports_continuous(model: PreTrainedModel) -> bool:
-    """Whether the model's KV cache is plain full attention (transformers >= 4.56 layer caches)."""
-    if not _LAYER_CACHES:
+    """Whether flat steps work for the model: plain full attention, through transformers' pluggable attention."""
+    if not HAVE_ATTENTION_INTERFACE or not getattr(model, "_supports_attention_backend", False):
         return False
-    from transformers import DynamicCache
-
     try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
         layers = DynamicCache(config=model.config).layers
     except Exception:
         return False
@@ -332,7 +175,10 @@ class LocalPolicy:
         # transformers 5.x renamed `past_key_values` to `cache`; speak whichever this version uses
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if continuous and not supports_continuous(model):
-            log.warning("%s has no plain dynamic KV cache; using static batching", type(model).__name__)
+            log.warning(
+                "%s has no plain full-attention KV cache or pluggable attention; using static batching",
+                type(model).__name__,
+            )
             continuous = False
         self.continuous = continuous
         tok = chat.tokenizer
@@ -348,7 +194,7 @@ class LocalPolicy:
         # the running batch of the continuous engine (touched only by the step in the worker thread)
         self._rows: list[_Row] = []
         self._slots: KVSlots | None = None
-        self._slot_cache: Any = None
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @property
     def running(self) -> int:
@@ -561,29 +407,26 @@ class LocalPolicy:
             for req, result in done:
                 if not req.future.done():
                     req.future.set_result(result)
+            if done:  # let the callers just answered send their next requests: they join the next step
+                await asyncio.sleep(0)
 
     def _reset_running(self) -> None:
-        self._rows, self._slots, self._slot_cache = [], None, None
+        self._rows, self._slots = [], None
 
     @torch.inference_mode()
     def _step(self, joining: list[_Request]) -> list[tuple[_Request, _Result]]:
-        """One decode step of the running rows plus the prefill of the joining requests."""
+        """One flat forward of the running rows and the joining prompts, then sampling and stop checks."""
         with self._lock:
             version = self.version
             self.decode_steps += 1
             if not self._rows and joining:
                 self.batches += 1
             self.batched_requests += len(joining)
-            rows = self._rows
-            decoded = len(rows)
-            logits = []
-            if rows:
-                logits.append(self._decode_running())
-            if joining:
-                logits.append(self._prefill_and_merge(joining))
+            decoded = len(self._rows)
+            logits_BV = self._forward(joining)
             rows = self._rows  # running rows first, then the joined ones, as in the cache
             tok_B, lp_B = sample_tokens(
-                torch.cat(logits).float(),
+                logits_BV.float(),
                 torch.tensor([r.req.sampling.temperature for r in rows], device=self.device),
                 torch.tensor([r.req.sampling.top_p for r in rows], device=self.device),
                 self.generator,
@@ -606,39 +449,57 @@ class LocalPolicy:
             self.step_log.append(record)
             return done
 
-    def _decode_running(self) -> torch.Tensor:
-        """Feed every running row its pending token; return logits_BV for the next one."""
-        assert self._slots is not None
-        rows = self._rows
-        attn_BL = self._slots.attention_mask(1)
-        ids_B1 = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self.device)
-        pos_B1 = torch.tensor([[r.next_pos] for r in rows], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=ids_B1,
-            attention_mask=attn_BL,
-            position_ids=pos_B1,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: self._slot_cache},
-        )
-        self._slots.length += 1
-        for row in rows:
-            row.next_pos += 1
-        return out.logits[:, -1, :]
+    def _forward(self, joining: list[_Request]) -> torch.Tensor:
+        """Feed every running row its pending token and every joining request its prompt; return logits_BV.
 
-    def _prefill_and_merge(self, joining: list[_Request]) -> torch.Tensor:
-        """Prefill the joining prompts and copy their KV rows into the running batch; return their logits_BV."""
-        ids_BT, attn_BT, pos_BT = self._left_padded([r.prompt_ids for r in joining])
-        out = self.model(
-            input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT, use_cache=True, logits_to_keep=1
-        )
+        One forward pass over the flat sequence of those tokens (see `safactory.policy.slots`);
+        the joined rows are appended to the running batch. Logit rows follow the batch's rows.
+        """
+        rows = self._rows
         if self._slots is None:
             self._slots = KVSlots(self.device)
-        self._slots.append(_cache_layers(out[self._cache_kw]), attn_BT, [len(r.prompt_ids) for r in joining])
-        if self._slot_cache is None:
-            self._slot_cache = self._slots.cache()
-        self._rows = self._rows + [_Row(req, next_pos=len(req.prompt_ids)) for req in joining]
-        return out.logits[:, -1, :]
+        plan = self._slots.plan(len(rows), [len(r.prompt_ids) for r in joining])
+        ids = [r.tokens[-1] for r in rows]
+        positions = [r.next_pos for r in rows]
+        last = list(range(len(rows)))
+        for req in joining:
+            ids += req.prompt_ids
+            positions += range(len(req.prompt_ids))
+            last.append(len(ids) - 1)
+        ids_1N = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pos_1N = torch.tensor([positions], dtype=torch.long, device=self.device)
+        # every token's logits are needed unless prompts joined (then only each prompt's last)
+        last_B = torch.tensor(last, dtype=torch.long, device=self.device) if joining else None
+        kwargs: dict[str, Any] = {}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 0 if last_B is None else last_B
+        with self._slots_attention():
+            out = self.model(input_ids=ids_1N, position_ids=pos_1N, use_cache=False, slot_plan=plan, **kwargs)
+        for row in rows:
+            row.next_pos += 1
+        self._rows = rows + [_Row(req, next_pos=len(req.prompt_ids)) for req in joining]
+        logits_NV = out.logits[0]
+        return logits_NV if self._logits_to_keep or last_B is None else logits_NV[last_B]
+
+    @contextlib.contextmanager
+    def _slots_attention(self) -> Iterator[None]:
+        """The model's attention is `slots_attention` inside (one pass, under the lock), its own outside."""
+        config = self.model.config
+        fields = vars(config)
+        if "_attn_implementation_internal" not in fields or getattr(config, "sub_configs", None):
+            previous = config._attn_implementation  # the general (slower) path: transformers' own setter
+            config._attn_implementation = SLOTS_ATTENTION
+            try:
+                yield
+            finally:
+                config._attn_implementation = previous
+            return
+        previous = fields["_attn_implementation_internal"]  # a plain text config: flip the field itself
+        fields["_attn_implementation_internal"] = SLOTS_ATTENTION
+        try:
+            yield
+        finally:
+            fields["_attn_implementation_internal"] = previous
 
     def _drop_rows(self, keep: list[int]) -> None:
         """Keep only rows `keep` in the batch and the KV cache."""
