@@ -671,6 +671,7 @@ class Factory:
                     reward_of=self._reward_fn(verdicts),
                 )
                 stats: dict[str, float] = {"loss": 0.0}
+                lr = learner.trainer.lr()
                 if batch.sequences:
                     stats = await asyncio.to_thread(self._update, learner, spec, batch.sequences)
                 trained_version = learner.policy.version
@@ -692,6 +693,7 @@ class Factory:
                         "policy_version": learner.policy.version,
                         "train/step": learner.trainer.step,
                         "train/loss": stats["loss"],
+                        "train/lr": lr,
                         "train/clip_frac": stats.get("clip_frac"),
                         "train/approx_kl": stats.get("approx_kl"),
                         "train/reverse_kl": stats.get("reverse_kl"),
@@ -717,7 +719,8 @@ class Factory:
                     f"{row['rollout/success_rate']:.2f}  unsafe {unsafe:.2f}",
                 )
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < spec.steps:
-                    await self._gate(learner, f"{spec.stage}@{step}", step)
+                    if not await self._gate(learner, f"{spec.stage}@{step}", step):
+                        learner.trainer.set_lr(spec.lr)  # the reloaded optimiser state carries its own lr
                 elif self.config.checkpoint_every and step % self.config.checkpoint_every == 0:
                     self._checkpoint(learner, step)
                     self._milestone()

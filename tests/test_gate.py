@@ -83,3 +83,6 @@ def test_gate_refuses_a_worse_checkpoint_and_rolls_back(tmp_path, warm_model):
     meta = read_meta(out / "checkpoints" / "policy" / (out / "checkpoints" / "policy" / "latest").read_text())
     assert meta.weights_hash == weights_hash(start.state_dict())
     assert json.loads((out / "summary.json").read_text())["gate"] == decisions
+    # after a rollback the RL learning rate applies again, not the one stored with the checkpoint
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/lr"] for r in rows if r.get("phase") == "rl" and "train/lr" in r][-1] == 3.0

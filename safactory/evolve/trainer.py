@@ -55,6 +55,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
         self.step = 0
 
+    def lr(self) -> float:
+        """The learning rate of the next step (0.0 without trainable parameters)."""
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
+
     def set_lr(self, lr: float) -> None:
         if self.optimizer is None:
             return
