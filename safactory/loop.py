@@ -373,7 +373,7 @@ class Factory:
             if cfg.rl.enabled:
                 spec = OnlineSpec("rl", cfg.rl.steps, cfg.rl.lr, cfg.rl.objective, self._rl_teacher(main))
                 await self._online(main, spec)
-                await self._final_gate(main, "rl", cfg.rl.steps)
+                await self._gate(main, "rl", cfg.rl.steps)  # the end of RL is gated too
             self.summary["heldout"]["final"] = main.deployed["metrics"]
             save_model(main.trainer.model, main.tokenizer, self.out / "model")
             self._milestone("distill")
@@ -474,10 +474,6 @@ class Factory:
         load_checkpoint(path, learner.trainer.model, learner.trainer.optimizer)
         await self._publish(learner, parent=learner.deployed["version"])
         learner.deployed = {**learner.deployed, "version": learner.policy.version}
-
-    async def _final_gate(self, learner: Learner, stage: str, steps: int) -> None:
-        label = "rl" if learner.name == "policy" else "final"
-        await self._gate(learner, label, steps)
 
     # ---- checkpoints and resume ------------------------------------------------------
     def _checkpoint(self, learner: Learner, stage_step: int) -> None:
@@ -793,7 +789,7 @@ class Factory:
             await self._restore(student)
         online = OnlineSpec("distill", d.steps, d.lr, "opd", teacher, d.kl_coef, d.env_weight)
         await self._online(student, online)
-        await self._final_gate(student, "distill", d.steps)
+        await self._gate(student, "final", d.steps)
         self.summary["heldout"]["student"] = student.deployed["metrics"]
         save_model(student.trainer.model, student.tokenizer, self.out / "student")
         return student
