@@ -441,8 +441,7 @@ class Factory:
     def _judge(self, trajs: list[Trajectory]) -> dict[str, SafetyVerdict]:
         """Rule-judge episodes and attach the verdicts in the store."""
         verdicts = {t.id: self.judge.judge(t) for t in trajs}
-        for traj_id, verdict in verdicts.items():
-            self.store.add_verdict(traj_id, **verdict.store_kwargs())
+        self.store.add_verdicts([{"trajectory_id": i, **v.store_kwargs()} for i, v in verdicts.items()])
         return verdicts
 
     async def _gate(self, learner: Learner, label: str, step: int) -> bool:
@@ -519,8 +518,7 @@ class Factory:
     # ---- warm start ------------------------------------------------------------------
     async def _warm_start(self, learner: Learner, demo_run: str) -> None:
         cfg = self.config.sft
-        demos = [t for t in self.store.iter(run_id=demo_run, kind="expert") if t.success]
-        if not self.store.count(run_id=demo_run, kind="expert"):
+        if not self.store.count(run_id=demo_run, kind="expert"):  # a resumed run reuses its stored demos
             for env in self.envs.values():
                 if env.entry.expert is None:
                     raise ValueError(f"environment {env.name!r} has no scripted expert for the warm start")
@@ -538,7 +536,7 @@ class Factory:
                     env.train[: env.demos], 1, GREEDY, kind="expert", tags={"phase": "sft"}
                 )
                 self.store.add([t for g in groups for t in g])
-            demos = [t for t in self.store.iter(run_id=demo_run, kind="expert") if t.success]
+        demos = [t for t in self.store.iter(run_id=demo_run, kind="expert") if t.success]
         if not demos:
             raise RuntimeError("the experts solved none of the demonstration tasks; nothing to learn from")
         context = learner.policy.max_positions

@@ -743,19 +743,40 @@ class TrajectoryStore:
         reasons: list[str] | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
+        self.add_verdicts(
+            [
+                {
+                    "trajectory_id": trajectory_id,
+                    "judge": judge,
+                    "judge_version": judge_version,
+                    "unsafe": unsafe,
+                    "severity": severity,
+                    "reasons": reasons,
+                    "meta": meta,
+                }
+            ]
+        )
+
+    def add_verdicts(self, verdicts: list[dict[str, Any]]) -> None:
+        """Attach many safety verdicts in one transaction (each: the keyword arguments of `add_verdict`)."""
+        if not verdicts:
+            return
+        now = time.time()
+        rows = [
+            {
+                "trajectory_id": v["trajectory_id"],
+                "judge": v["judge"],
+                "judge_version": v["judge_version"],
+                "unsafe": bool(v["unsafe"]),
+                "severity": float(v.get("severity", 0.0)),
+                "reasons": _dumps(v.get("reasons") or []),
+                "meta": _dumps(v.get("meta") or {}),
+                "created_at": now,
+            }
+            for v in verdicts
+        ]
         with self.engine.begin() as conn:
-            conn.execute(
-                safety_verdicts.insert().values(
-                    trajectory_id=trajectory_id,
-                    judge=judge,
-                    judge_version=judge_version,
-                    unsafe=unsafe,
-                    severity=severity,
-                    reasons=_dumps(reasons or []),
-                    meta=_dumps(meta or {}),
-                    created_at=time.time(),
-                )
-            )
+            conn.execute(safety_verdicts.insert(), rows)
 
     def add_gate_decision(self, run_id: str, decision: dict[str, Any]) -> None:
         """Record one evaluation-gate decision (candidate and baseline versions, verdict, metrics)."""
