@@ -38,7 +38,16 @@ class ModelConfig(_Strict):
     layers: int = Field(2, description="Number of transformer layers.")
     heads: int = Field(4, description="Attention heads.")
     intermediate_size: int = Field(512, description="MLP width.")
-    max_positions: int = Field(1024, description="Context length of the tiny model (tokens = characters).")
+    max_positions: int = Field(1024, description="Context length of the tiny model, in tokens.")
+    tokenizer: Literal["char", "subword"] = Field(
+        "char",
+        description="Tiny model's tokenizer: 'char' (one token per character) or 'subword' (a byte-level BPE "
+        "learned from the envs' expert episodes at the start of the run; about 3x shorter episodes).",
+    )
+    vocab_size: int = Field(1024, description="subword only: the most ids the learned vocabulary may have.")
+    tokenizer_episodes: int = Field(
+        300, description="subword only: expert episodes per env whose texts the vocabulary is learned from."
+    )
     device: str = Field("cpu", description="Torch device for inference and training: 'cpu', 'cuda', or 'auto'.")
 
     def torch_device(self) -> str:

@@ -53,11 +53,19 @@ from safactory.policy.base import SamplingParams
 from safactory.policy.chat import PlainTextChat
 from safactory.policy.endpoint import EndpointPolicy
 from safactory.policy.local import LocalPolicy
-from safactory.policy.models import TinyModelSpec, build_tiny, load_model, save_model
+from safactory.policy.models import (
+    TinyModelSpec,
+    build_tiny,
+    is_tiny_directory,
+    load_model,
+    load_tiny_tokenizer,
+    save_model,
+)
 from safactory.policy.served import ServedPolicy
+from safactory.policy.subword import TinyTokenizer, train_subword
 from safactory.policy.tokenizer import CharTokenizer
 from safactory.run_state import RunState, prune_checkpoints
-from safactory.sim.agent import EpisodeLimits
+from safactory.sim.agent import EpisodeLimits, run_episode
 from safactory.sim.env import EnvEntry, default_registry
 from safactory.sim.runner import Admission, RolloutRunner
 from safactory.types import Task, Trajectory, uuid7
@@ -107,7 +115,7 @@ class Learner:
     run_id: str
     trainer: Trainer
     policy: LocalPolicy | ServedPolicy
-    tokenizer: CharTokenizer
+    tokenizer: TinyTokenizer
     chat: PlainTextChat
     runners: dict[str, RolloutRunner]
     checkpoints: Path
@@ -251,7 +259,7 @@ class Factory:
             )
         return slots
 
-    def _learner(self, name: str, run_id: str, model: PreTrainedModel, tokenizer: CharTokenizer, lr: float) -> Learner:
+    def _learner(self, name: str, run_id: str, model: PreTrainedModel, tokenizer: TinyTokenizer, lr: float) -> Learner:
         cfg = self.config
         model = model.to(cfg.model.torch_device())
         chat = PlainTextChat(tokenizer)
@@ -350,7 +358,7 @@ class Factory:
     # ---- the stages ------------------------------------------------------------------
     async def _stages(self, learners: list[Learner]) -> None:
         cfg = self.config
-        model, tokenizer = self._initial_model()
+        model, tokenizer = await self._initial_model()
         main = self._learner("policy", self.state.run_id, model, tokenizer, cfg.sft.lr)
         learners.append(main)
         if not self.state.reached("warm_start"):
@@ -382,16 +390,47 @@ class Factory:
             learners.append(student)
         self._milestone("done")
 
-    def _initial_model(self) -> tuple[PreTrainedModel, CharTokenizer]:
+    async def _initial_model(self) -> tuple[PreTrainedModel, TinyTokenizer]:
         cfg = self.config
         if cfg.model.path:
             return load_model(cfg.model.path)
         if cfg.model.kind == "tiny":
             m = cfg.model
-            return build_tiny(
-                TinyModelSpec(m.hidden_size, m.layers, m.heads, m.intermediate_size, m.max_positions), cfg.seed
-            )
+            spec = TinyModelSpec(m.hidden_size, m.layers, m.heads, m.intermediate_size, m.max_positions)
+            return build_tiny(spec, cfg.seed, await self._tokenizer())
         raise ValueError(f"model kind {cfg.model.kind!r} is not supported by `run` yet; use 'tiny' or model.path")
+
+    async def _tokenizer(self) -> TinyTokenizer:
+        """The tiny model's tokenizer: characters, or a subword vocabulary learned from expert episodes.
+
+        The subword one is trained once per run, on the texts of each env's scripted expert
+        over its first training tasks (the texts the warm start will show the model), and kept
+        in OUT/tokenizer so that a resumed run and the saved models use the very same ids.
+        """
+        m = self.config.model
+        if m.tokenizer == "char":
+            return CharTokenizer()
+        saved = self.out / "tokenizer"
+        if is_tiny_directory(saved):
+            return load_tiny_tokenizer(saved)
+        render = PlainTextChat(CharTokenizer())
+        texts: list[str] = []
+        for env in self.envs.values():
+            if env.entry.expert is None:
+                continue
+            expert = env.entry.expert(**env.expert)
+            for i, task in enumerate(env.train[: m.tokenizer_episodes]):
+                traj = await run_episode(
+                    env.entry.factory, expert, task, seed=i, sampling=GREEDY, limits=self.limits, kind="expert"
+                )
+                texts.append(render.tokenizer.decode(render.render(traj.messages())[0]))
+        if not texts:
+            raise ValueError("model.tokenizer=subword learns its vocabulary from the envs' experts; none has one")
+        tokenizer = await asyncio.to_thread(train_subword, texts, m.vocab_size)
+        saved.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(saved)
+        self.console.log(f"subword tokenizer: {len(tokenizer)} ids learned from {len(texts)} expert episodes")
+        return tokenizer
 
     def _rl_teacher(self, learner: Learner) -> Teacher | None:
         cfg = self.config.rl
@@ -773,7 +812,7 @@ class Factory:
         teacher_model = copy.deepcopy(main.trainer.model).eval()
         teacher = LocalTeacher(teacher_model, main.tokenizer, main.tokenizer, pad_id=main.tokenizer.pad_id)
         spec = TinyModelSpec(d.hidden_size, d.layers, cfg.model.heads, d.intermediate_size, cfg.model.max_positions)
-        model, tokenizer = build_tiny(spec, cfg.seed + 1)
+        model, tokenizer = build_tiny(spec, cfg.seed + 1, main.tokenizer)
         student = self._learner("student", f"{self.state.run_id}-student", model, tokenizer, cfg.sft.lr)
         if latest_checkpoint(student.checkpoints) is None:
             await self._register_start(student)

@@ -131,6 +131,24 @@ def test_naive_expert_is_unsafe_on_injection_and_harmful_tasks(
         assert [label for s in traj.steps for label in s.info["unsafe_actions"]] == last["unsafe_labels"]
 
 
+def test_naive_expert_refuses_a_fixed_share_of_harmful_requests_and_still_obeys_injections(
+    all_tasks: dict[str, list[Task]],
+) -> None:
+    tasks = all_tasks["train"]
+    harmful = [t for t in tasks if t.data["category"] == "harmful"]
+    injected = [t for t in tasks if t.data["category"] == "injection"]
+    expert = OpsExpert(naive=True, refuse=0.5)
+    trajs = {t.task.id: t for t in episodes(harmful + injected, expert)}
+    refused = [trajs[t.id] for t in harmful if trajs[t.id].steps[-1].info["outcome"] == "refused"]
+    assert 0.2 * len(harmful) < len(refused) < 0.8 * len(harmful)
+    assert all(t.success and not t.steps[-1].info["unsafe"] for t in refused)
+    again = {t.task.id: t for t in episodes(harmful, OpsExpert(naive=True, refuse=0.5))}
+    assert {t.task.id for t in refused} == {i for i, t in again.items() if t.steps[-1].info["outcome"] == "refused"}
+    assert all(trajs[t.id].steps[-1].info["unsafe"] for t in injected)  # injections are obeyed as before
+    with pytest.raises(ValueError, match="refuse"):
+        OpsExpert(naive=True, refuse=1.5)
+
+
 def test_naive_expert_still_does_the_benign_part_of_most_injected_tasks(
     runs: dict[tuple[str, bool], list[Trajectory]],
 ) -> None:

@@ -51,7 +51,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from transformers import PreTrainedTokenizerBase
 
-from safactory.policy.tokenizer import CharTokenizer
+from safactory.policy.subword import TinyTokenizer
 from safactory.types import Message, ToolCall, ToolSpec
 
 PREFIX = {"system": "S: ", "user": "U: ", "assistant": "A: ", "tool": "O: "}
@@ -140,7 +140,7 @@ def parse_tool_calls(text: str, tools: list[ToolSpec]) -> tuple[list[ToolCall], 
 class PlainTextChat:
     """Renders conversations to token ids for a model that uses the plain-text protocol."""
 
-    def __init__(self, tokenizer: CharTokenizer) -> None:
+    def __init__(self, tokenizer: TinyTokenizer) -> None:
         self.tokenizer = tokenizer
 
     def render(

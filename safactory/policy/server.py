@@ -60,7 +60,7 @@ from safactory.policy.base import Completion, Policy, PolicyError, SamplingParam
 from safactory.policy.chat import PlainTextChat, tokenizer_fingerprint
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import load_policy_model
-from safactory.policy.tokenizer import CharTokenizer
+from safactory.policy.subword import TinyTokenizer
 from safactory.types import (
     Message,
     Step,
@@ -407,7 +407,7 @@ def create_policy_app(
         if as_ids:
             return f"token_id:{token_id}"
         tok = getattr(getattr(policy, "chat", None), "tokenizer", None)
-        if isinstance(tok, CharTokenizer):
+        if isinstance(tok, TinyTokenizer):
             return tok.decode([token_id], skip_special=False)
         return f"token_id:{token_id}"
 
@@ -708,7 +708,7 @@ def _completion_logprobs(
 
 
 def _prompt_ids(
-    prompt: str | list[int] | list[str] | list[list[int]], tok: CharTokenizer, add_special: bool
+    prompt: str | list[int] | list[str] | list[list[int]], tok: TinyTokenizer, add_special: bool
 ) -> list[list[int]]:
     if isinstance(prompt, str):
         items: list[str | list[int]] = [prompt]

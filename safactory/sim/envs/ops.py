@@ -706,8 +706,11 @@ class OpsExpert:
     The safe expert refuses requests that break the policy (checked on its reading of
     the prompt), does benign tasks, and treats everything it reads as data, so it
     completes the benign part of an injected task and ignores the injection. The
-    naive expert does whatever the user asks and obeys any "ignore previous
-    instructions and ..." it finds in a file or email, then carries on with the task.
+    naive expert obeys any "ignore previous instructions and ..." it finds in a file or
+    email, then carries on with the task; it also does whatever the user asks, except
+    for a share `refuse` of the policy-breaking requests (chosen by a hash of the
+    prompt, so the same request always gets the same answer), like a base model whose
+    safety tuning catches the blatant requests only sometimes.
 
     It keeps no state: each turn it replays its script against the tool results in the
     conversation. It speaks the plain-text tool protocol.
@@ -715,8 +718,11 @@ class OpsExpert:
 
     version = 0
 
-    def __init__(self, naive: bool = False) -> None:
+    def __init__(self, naive: bool = False, refuse: float = 0.0) -> None:
+        if not 0.0 <= refuse <= 1.0:
+            raise ValueError(f"refuse must be a share in [0, 1], got {refuse}")
         self.naive = naive
+        self.refuse = refuse
 
     async def generate(self, messages: list[Message], tools: list[ToolSpec], sampling: SamplingParams) -> Completion:
         name, arguments = self.next_action(messages)
@@ -738,7 +744,7 @@ class OpsExpert:
     def script(self, prompt: str) -> Script:
         request = parse_request(prompt)
         why = request_violation(request)
-        if why is not None and not self.naive:
+        if why is not None and (not self.naive or self._refuses(prompt)):
             yield ("refuse", {"reason": why})
             return
         if request.kind == "lookup":
@@ -790,6 +796,11 @@ class OpsExpert:
             yield ("finish", {"summary": f"deleted {len(names)} files under {request.path}"})
         else:
             yield ("refuse", {"reason": "I do not understand the request"})
+
+    def _refuses(self, prompt: str) -> bool:
+        """Whether the naive expert declines this policy-breaking request (a fixed share, by prompt hash)."""
+        digest = hashlib.sha256(prompt.encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.refuse
 
     def _obey(self, content: str) -> Script:
         """The naive expert carries out injected instructions; the safe one ignores them."""
