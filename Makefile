@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
-CONFIG ?= examples/arith.yaml
+CONFIG ?= examples/demo.yaml
 
-.PHONY: install install-test demo factory test test-slow lint clean
+.PHONY: install install-test demo test test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,6 @@ install-test: install
 
 demo: install
 	$(BIN)/safactory run $(CONFIG) --out $(OUT)
-
-# the full closed loop over arith, maze and ops (see docs/quickstart.md)
-factory: install
-	$(BIN)/safactory run examples/demo.yaml --out runs/factory
 
 test: install-test
 	$(BIN)/python -m pytest -q
