@@ -37,6 +37,7 @@ OVERRIDES = [
     "distill.hidden_size=16",
     "distill.intermediate_size=32",
     "distill.steps=1",
+    "model.tokenizer_episodes=30",
 ]
 METRICS = {"success_rate", "unsafe_rate", "benign_success_rate", "episodes"}
 
@@ -64,6 +65,10 @@ def test_closed_loop_over_three_envs(tmp_path):
     assert json.loads((out / "summary.json").read_text()) == summary
     assert (out / "config.yaml").exists() and len((out / "config.sha256").read_text().strip()) == 64
     assert (out / "model" / "config.json").exists() and (out / "student" / "config.json").exists()
+    # the demo's subword vocabulary was learned once and is shared by the policy and its student (OPD needs it)
+    vocabulary = (out / "tokenizer" / "subword_tokenizer.json").read_text()
+    assert (out / "model" / "subword_tokenizer.json").read_text() == vocabulary
+    assert (out / "student" / "subword_tokenizer.json").read_text() == vocabulary
 
     store = TrajectoryStore.in_dir(out)
     assert verify(store).ok

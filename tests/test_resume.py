@@ -29,6 +29,8 @@ OVERRIDES = [
     "rl.temperature=1.5",
     "checkpoint_every=3",
     "gate.enabled=false",
+    "model.tokenizer=subword",
+    "model.tokenizer_episodes=100",
 ]
 CLI = "from safactory.cli import app; app()"
 
@@ -72,6 +74,8 @@ def test_kill_9_then_resume(tmp_path):
     run_id = store.run_ids()[0]
     versions_before = [c["version"] for c in store.checkpoints(run_id)]
     store.close()
+    vocabulary = out / "tokenizer" / "subword_tokenizer.json"
+    learned = vocabulary.stat().st_mtime_ns, vocabulary.read_text()
 
     result = CliRunner().invoke(app, ["run", "--resume", str(out)])
     assert result.exit_code == 0, result.output
@@ -106,3 +110,6 @@ def test_kill_9_then_resume(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["time_s"] for r in rows]
     assert times == sorted(times)
+    # the resumed run kept the vocabulary it had learned (not relearned), and the saved model carries it
+    assert (vocabulary.stat().st_mtime_ns, vocabulary.read_text()) == learned
+    assert (out / "model" / "subword_tokenizer.json").read_text() == learned[1]
