@@ -12,7 +12,6 @@ import json
 import os
 import struct
 import time
-import uuid
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -27,16 +26,21 @@ recorded as version 3 keep their sorted-key JSON hash (`Trajectory.compute_hash`
 Role = Literal["system", "user", "assistant", "tool"]
 
 
+_UUID7_BITS = (0x7 << 76) | (0b10 << 62)  # version 7, RFC 9562 variant
+_MASK_48 = (1 << 48) - 1
+_MASK_62 = (1 << 62) - 1
+
+
 def uuid7() -> str:
-    """A time-ordered UUID (RFC 9562 version 7) as a string."""
+    """A time-ordered UUID (RFC 9562 version 7) as a string (the text of `str(uuid.UUID(int=...))`).
+
+    Formatted directly: one is made per trajectory and per group, on the rollout hot path.
+    """
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76
-    value |= ((rand >> 62) & 0xFFF) << 64
-    value |= 0b10 << 62
-    value |= rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
+    value = (ms & _MASK_48) << 80 | ((rand >> 62) & 0xFFF) << 64 | rand & _MASK_62 | _UUID7_BITS
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

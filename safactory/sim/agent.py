@@ -12,7 +12,10 @@ The loop is on the hot path of every rollout, so it skips work that buys nothing
   environments) runs without arming a timer, since none could fire while it runs;
   one that suspends is bounded by the same deadline as with `asyncio.wait_for`.
   The episode's own time limit works the same way;
-* the sampling parameters are copied once per distinct token budget, not per turn;
+* the sampling parameters are copied once per distinct token budget, not per turn,
+  and the budget is recomputed only when a traced turn used tokens;
+* a deadline reads `time.monotonic` directly when the loop's clock is that (asyncio's
+  default loop), saving a Python call per step;
 * during the episode each step is kept as a plain dict of its fields (the action
   message itself is validated at once, since the env and the policy get it); at the
   end the trajectory and all its steps are validated in one pydantic-core call, which
@@ -273,12 +276,14 @@ async def _loop(
     tools = obs.tools
     steps = record.steps
     generate, env_step = policy.generate, env.step
-    clock = asyncio.get_running_loop().time
+    loop = asyncio.get_running_loop()  # deadlines are on its clock; the default loop's is time.monotonic
+    clock = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
     max_turns = min(limits.max_turns, spec.max_turns)
+    per_turn, total = limits.max_tokens_per_turn, limits.max_total_tokens
     tokens_used = 0
+    turn_budget = min(per_turn, total)  # changes only when tokens_used does
     params, budget = sampling, None  # params: `sampling` with max_tokens = budget
     for turn in range(max_turns):
-        turn_budget = min(limits.max_tokens_per_turn, limits.max_total_tokens - tokens_used)
         if turn_budget != budget:  # one copy per distinct budget, not one per turn
             if turn_budget <= 0:
                 return "token_limit"
@@ -294,6 +299,7 @@ async def _loop(
         trace = None
         if completion.token_ids is not None and completion.prompt_ids is not None:
             tokens_used += len(completion.token_ids)
+            turn_budget = min(per_turn, total - tokens_used)
             trace = TokenTrace(
                 prompt_ids=completion.prompt_ids,
                 completion_ids=completion.token_ids,
