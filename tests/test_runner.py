@@ -27,6 +27,20 @@ class Garbage:
         return Completion(text="%%%", parse_error="not a tool call: '%%%'")
 
 
+class Invalid:
+    """Returns replies that do not validate: no text, or a token trace whose ids are not ints."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def generate(self, messages, tools, sampling):
+        self.calls += 1
+        if self.calls % 2:
+            return Completion.model_construct(text=None, tool_calls=[])
+        bad_trace = {"token_ids": ["x"], "prompt_ids": [1], "logprobs": [0.0]}
+        return Completion.model_construct(text="calc(1)", tool_calls=[], **bad_trace)
+
+
 class HangingEnv:
     spec = EnvSpec(id="hang", version="0", max_turns=3)
 
@@ -87,6 +101,11 @@ def test_failures_end_the_episode_with_a_reason(arith_tasks):
     assert traj.termination == "policy_error" and "backend down" in traj.error
     traj = episode(RaisingEnv, AlwaysCalc(), task)
     assert traj.termination == "env_error" and "simulator crashed" in traj.steps[0].error
+    # a reply that does not validate ends that episode with a reason; the group still completes
+    runner = RolloutRunner(ArithEnv, Invalid(), limits=EpisodeLimits(), concurrency=2, run_id="r")
+    (group,) = asyncio.run(runner.run_groups([task], 4, SamplingParams()))
+    assert len(group) == 4
+    assert all(t.termination == "policy_error" and "invalid completion" in t.error for t in group)
     traj = episode(HangingEnv, AlwaysCalc(), task, env_timeout_s=0.05)
     assert traj.termination == "env_timeout" and len(traj.steps) == 1
     traj = episode(HangingEnv, AlwaysCalc(), task, timeout_s=0.05, env_timeout_s=100)

@@ -293,23 +293,27 @@ async def _loop(
         except Exception as exc:
             record.error = f"policy failed: {exc!r}"
             return "policy_error"
-        action = _validate_message(
-            {"role": "assistant", "content": completion.text, "tool_calls": completion.tool_calls}
-        )
-        trace = None
-        if completion.token_ids is not None and completion.prompt_ids is not None:
-            tokens_used += len(completion.token_ids)
-            turn_budget = min(per_turn, total - tokens_used)
-            trace = TokenTrace(
-                prompt_ids=completion.prompt_ids,
-                completion_ids=completion.token_ids,
-                logprobs=completion.logprobs,
-                policy_version=completion.policy_version,
-                policy_versions=completion.policy_versions or [completion.policy_version],
-                temperature=completion.temperature,
-                top_p=completion.top_p,
-                finish_reason=completion.finish_reason,
+        try:  # a policy's reply is input too: one that does not validate ends the episode, recorded
+            action = _validate_message(
+                {"role": "assistant", "content": completion.text, "tool_calls": completion.tool_calls}
             )
+            trace = None
+            if completion.token_ids is not None and completion.prompt_ids is not None:
+                trace = TokenTrace(
+                    prompt_ids=completion.prompt_ids,
+                    completion_ids=completion.token_ids,
+                    logprobs=completion.logprobs,
+                    policy_version=completion.policy_version,
+                    policy_versions=completion.policy_versions or [completion.policy_version],
+                    temperature=completion.temperature,
+                    top_p=completion.top_p,
+                    finish_reason=completion.finish_reason,
+                )
+                tokens_used += len(trace.completion_ids)
+                turn_budget = min(per_turn, total - tokens_used)
+        except Exception as exc:
+            record.error = f"policy returned an invalid completion: {exc!r}"
+            return "policy_error"
         messages.append(action)
         # The step's fields are kept as a dict and validated with the trajectory at the end
         # (copies of the env's list and dict, so that later changes to them do not leak in).
