@@ -227,19 +227,11 @@ def make_policy(spec: str, env_entry: EnvEntry, seed: int) -> Policy:
 
 
 def _local_policy(path: Path, seed: int) -> Policy:
-    """A saved model directory run in-process (char-tokenizer models with the plain-text protocol)."""
-    from safactory.policy import models
-    from safactory.policy.chat import PlainTextChat
+    """A saved model directory (tiny, HF with a chat template, or LoRA adapter) run in-process."""
     from safactory.policy.local import LocalPolicy
-    from safactory.policy.tokenizer import FILENAME as CHAR_TOKENIZER_FILE
+    from safactory.policy.models import load_policy_model
 
-    if (path / CHAR_TOKENIZER_FILE).is_file():
-        model, tokenizer = models.load_model(path)
-        return LocalPolicy(model, PlainTextChat(tokenizer), seed=seed)
-    load_any: Callable[..., Any] | None = getattr(models, "load_policy_model", None)
-    if load_any is None:
-        raise ValueError(f"policy {str(path)!r}: not a saved model directory (no {CHAR_TOKENIZER_FILE})")
-    loaded = load_any(str(path), seed=seed)
+    loaded = load_policy_model(str(path), seed=seed)
     return LocalPolicy(loaded.model, loaded.chat, seed=seed)
 
 
