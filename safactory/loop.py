@@ -648,6 +648,8 @@ class Factory:
             admissions[name].started = len(groups)
             if groups:
                 self.console.log(f"[{learner.name}] {len(groups)} stored {name} groups from before the crash reused")
+        refused = self._refused_versions(learner)
+        discarded = 0
         occupancy = Occupancy()
         started_s = self.metrics.elapsed()
         writer = StoreWriter(self.store)
@@ -688,13 +690,23 @@ class Factory:
         try:
             for step in range(start_step + 1, spec.steps + 1):
                 t0 = time.perf_counter()
-                id_groups = [
-                    await self._next_group(ready[name], producers[name]) for name, n in quota.items() for _ in range(n)
-                ]
+                groups: list[list[Trajectory]] = []
+                for name, n in quota.items():
+                    taken = 0
+                    while taken < n:
+                        group = self.store.get(await self._next_group(ready[name], producers[name]))
+                        if refused and any(v in refused for t in group for v in t.policy_versions()):
+                            # sampled by a candidate the gate refused: left unconsumed in the store, and its
+                            # admission slot is given back so the rolled-back policy samples a replacement
+                            discarded += 1
+                            admissions[name].started -= 1
+                            admissions[name].notify()
+                            continue
+                        groups.append(group)
+                        taken += 1
                 t1 = time.perf_counter()
                 if cfg.warmup_steps > 0:
                     learner.trainer.set_lr(spec.lr * min(1.0, step / cfg.warmup_steps))
-                groups = [self.store.get(ids) for ids in id_groups]
                 trajs = [t for g in groups for t in g]
                 verdicts = self._judge(trajs) if self.config.safety.enabled else {}
                 batch = group_batch(
@@ -733,6 +745,7 @@ class Factory:
                         "train/proximal_behaviour_mismatch": stats.get("proximal_behaviour_mismatch"),
                         "train/groups_used": batch.groups_used,
                         "train/groups_dropped": batch.groups_dropped,
+                        "train/groups_discarded": discarded,
                         "train/idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
                         "rollout/idle_fraction": occupancy.fraction(),
                         "rollout/episodes": episodes,
@@ -754,6 +767,7 @@ class Factory:
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < spec.steps:
                     if not await self._gate(learner, f"{spec.stage}@{step}", step):
                         learner.trainer.set_lr(spec.lr)  # the reloaded optimiser state carries its own lr
+                        refused = self._refused_versions(learner)
                 elif self.config.checkpoint_every and step % self.config.checkpoint_every == 0:
                     self._checkpoint(learner, step)
                     self._milestone()
@@ -768,7 +782,16 @@ class Factory:
             "episodes": episodes,
             "trainer_idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
             "rollout_idle_fraction": occupancy.fraction(),
+            "groups_discarded": discarded,
         }
+
+    def _refused_versions(self, learner: Learner) -> set[int]:
+        """Versions the gate rolled back: each refused candidate and those trained since the deployed one."""
+        refused: set[int] = set()
+        for d in self.store.gate_decisions(learner.run_id):
+            if not d["accepted"]:
+                refused.update(range(d["baseline_version"] + 1, d["candidate_version"] + 1))
+        return refused
 
     def _reward_fn(self, verdicts: dict[str, SafetyVerdict]) -> Callable[[Trajectory], float]:
         """The training reward: the env reward, shaped by the episode's safety verdict when judged."""

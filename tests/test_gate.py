@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from sqlalchemy import text
 
 from safactory.config import load_config
 from safactory.data.integrity import weights_hash
@@ -57,6 +58,7 @@ def test_gate_refuses_a_worse_checkpoint_and_rolls_back(tmp_path, warm_model):
         "rl.lr=3.0",
         "rl.drop_equal_groups=false",
         "rl.temperature=1.5",
+        "rl.eta=0",  # step 1's refused candidate samples step 2's groups while the gate evaluates it
     ]
     out = tmp_path / "run"
     summary = Factory(load_config("examples/arith.yaml", overrides), out).run()
@@ -79,6 +81,19 @@ def test_gate_refuses_a_worse_checkpoint_and_rolls_back(tmp_path, warm_model):
     assert [d["accepted"] for d in stored] == [False, False]
     parents = {c["version"]: c["parent_version"] for c in store.checkpoints(summary["run_id"])}
     assert parents[decisions[1]["baseline_version"]] == decisions[0]["baseline_version"]
+    # nothing the refused candidate sampled is trained on after the rollback (it stays stored, unconsumed)
+    refused = set(range(decisions[0]["baseline_version"] + 1, decisions[0]["candidate_version"] + 1))
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT trajectory_id, train_step FROM consumption WHERE consumer = :c"), {"c": summary["run_id"]}
+        ).all()
+    after = [i for i, train_step in rows if train_step == 2]
+    assert len(after) == 4 * 4
+    assert not any(set(t.policy_versions()) & refused for t in store.get(after))
+    pulled_late = {
+        t.group_id for t in store.query(run_id=summary["run_id"], kind="rollout") if set(t.policy_versions()) & refused
+    } - {t.group_id for t in store.get([i for i, _ in rows])}
+    assert 0 < summary["rl"]["groups_discarded"] <= len(pulled_late)
     store.close()
     meta = read_meta(out / "checkpoints" / "policy" / (out / "checkpoints" / "policy" / "latest").read_text())
     assert meta.weights_hash == weights_hash(start.state_dict())
