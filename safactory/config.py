@@ -109,6 +109,13 @@ class RLConfig(_Strict):
     drop_equal_groups: bool = Field(True, description="Skip groups whose rewards are all equal (no signal).")
     eta: int = Field(1, description="Staleness bound: rollouts may run this many versions ahead (0 = synchronous).")
     eval_every: int = Field(50, description="Held-out evaluation every this many steps (0 = only at the end).")
+    imitation_lr: float = Field(
+        0.0,
+        ge=0,
+        description="Learning rate of an extra SFT update in each RL step on curated experience: successful "
+        "episodes the safety judge passed, from the expert demonstrations and the policy's own rollouts (0 = off).",
+    )
+    imitation_batch: int = Field(64, gt=0, description="Curated sequences per RL step for the imitation update.")
     objective: Literal["ppo", "decoupled", "opd"] = Field(
         "ppo",
         description="ppo: clipped ratio vs the trace's behaviour log-probs (GRPO); decoupled: vs the weights before "

@@ -46,6 +46,7 @@ from safactory.data.writer import StoreWriter
 from safactory.evaluation import env_metrics, flat, overall
 from safactory.evolve.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from safactory.evolve.gate import Gate
+from safactory.evolve.imitation import ImitationPool
 from safactory.evolve.teacher import LocalTeacher, Teacher, distill
 from safactory.evolve.trainer import Trainer
 from safactory.metrics import MetricsLog, last_row, make_sinks
@@ -555,12 +556,12 @@ class Factory:
         return {env: [ids for ids in g.values() if len(ids) == group_size] for env, g in groups.items()}
 
     # ---- warm start ------------------------------------------------------------------
-    async def _warm_start(self, learner: Learner, demo_run: str) -> None:
-        cfg = self.config.sft
+    async def _demos(self, learner: Learner, demo_run: str) -> list[Trajectory]:
+        """The run's successful expert demonstrations, collected into the store on first use."""
         if not self.store.count(run_id=demo_run, kind="expert"):  # a resumed run reuses its stored demos
             for env in self.envs.values():
                 if env.entry.expert is None:
-                    raise ValueError(f"environment {env.name!r} has no scripted expert for the warm start")
+                    raise ValueError(f"environment {env.name!r} has no scripted expert for the demonstrations")
                 runner = learner.runners[env.name]
                 expert_runner = RolloutRunner(
                     env.entry.factory,
@@ -575,20 +576,22 @@ class Factory:
                     env.train[: env.demos], 1, GREEDY, kind="expert", tags={"phase": "sft"}
                 )
                 self.store.add([t for g in groups for t in g])
-        demos = [t for t in self.store.iter(run_id=demo_run, kind="expert") if t.success]
+        return [t for t in self.store.iter(run_id=demo_run, kind="expert") if t.success]
+
+    async def _warm_start(self, learner: Learner, demo_run: str) -> None:
+        cfg = self.config.sft
+        demos = await self._demos(learner, demo_run)
         if not demos:
             raise RuntimeError("the experts solved none of the demonstration tasks; nothing to learn from")
-        context = learner.policy.max_positions
-        sequences = [s for s in (sft_sequence(t, learner.chat) for t in demos) if len(s.input_ids) <= context]
+        sequences = self._demo_sequences(learner, demos)
         if len(sequences) < len(demos):
             self.console.log(
                 f"[{learner.name}] {len(demos) - len(sequences)} demonstrations longer than the model's "
-                f"{context} positions are left out"
+                f"{learner.policy.max_positions} positions are left out"
             )
         if not sequences:
+            context = learner.policy.max_positions
             raise RuntimeError(f"every demonstration is longer than the model's {context} positions")
-        if cfg.balance == "sequence":
-            sequences = [sequence_weighted(s) for s in sequences]
         self.console.log(f"[{learner.name}] warm start on {len(sequences)} demonstrations read back from the store")
         learner.trainer.set_lr(cfg.lr)
         per_env = max(1, cfg.probe_tasks // len(self.envs))
@@ -622,6 +625,27 @@ class Factory:
             "probe_success": probe,
         }
 
+    def _demo_sequences(self, learner: Learner, demos: list[Trajectory]) -> list[TrainSequence]:
+        """SFT sequences of demonstrations that fit the model, weighted as `sft.balance` says."""
+        context = learner.policy.max_positions
+        sequences = [s for s in (sft_sequence(t, learner.chat) for t in demos) if len(s.input_ids) <= context]
+        if self.config.sft.balance == "sequence":
+            sequences = [sequence_weighted(s) for s in sequences]
+        return sequences
+
+    async def _imitation_pool(self, learner: Learner) -> ImitationPool:
+        """Curated experience to start RL's imitation loss with: the run's successful expert
+        demonstrations that the safety judge passes (a naive expert's unsafe ones stay out)."""
+        pool = ImitationPool(learner.policy.max_positions, self.config.sft.balance == "sequence")
+        demos = await self._demos(learner, self.state.run_id)
+        safe = [t for t in demos if not self.judge.judge(t).unsafe]
+        pool.add_demos(self._demo_sequences(learner, safe))
+        self.console.log(
+            f"[{learner.name}] imitation pool: {pool.demos} safe demonstrations "
+            f"({len(demos) - len(safe)} unsafe ones left out)"
+        )
+        return pool
+
     # ---- online training (RL or distillation) ----------------------------------------
     def _task_stream(self, env: EnvSlot, salt: str) -> Iterator[Task]:
         rng = random.Random(f"{self.config.seed}:{env.name}:{salt}")
@@ -650,6 +674,9 @@ class Factory:
                 self.console.log(f"[{learner.name}] {len(groups)} stored {name} groups from before the crash reused")
         refused = self._refused_versions(learner)
         discarded = 0
+        imitate = spec.stage == "rl" and cfg.imitation_lr > 0
+        pool = await self._imitation_pool(learner) if imitate else None
+        imitation_rng = random.Random(f"{self.config.seed}:imitation:{start_step}")
         occupancy = Occupancy()
         started_s = self.metrics.elapsed()
         writer = StoreWriter(self.store)
@@ -715,10 +742,12 @@ class Factory:
                     drop_equal=cfg.drop_equal_groups and spec.objective != "opd",
                     reward_of=self._reward_fn(verdicts),
                 )
-                stats: dict[str, float] = {"loss": 0.0}
                 lr = learner.trainer.lr()
-                if batch.sequences:
-                    stats = await asyncio.to_thread(self._update, learner, spec, batch.sequences)
+                imitation = pool.sample(imitation_rng, cfg.imitation_batch) if pool is not None else []
+                stats = await asyncio.to_thread(self._update, learner, spec, batch.sequences, imitation)
+                if pool is not None:  # this step's successful safe episodes are curated experience from now on
+                    safe = [t for t in trajs if t.success and not (verdicts.get(t.id) or self.judge.judge(t)).unsafe]
+                    pool.add_rollouts(safe)
                 trained_version = learner.policy.version
                 self.store.mark_consumed([t.id for t in trajs], learner.trainer.step, consumer=learner.consumer)
                 await self._publish(learner)
@@ -743,6 +772,8 @@ class Factory:
                         "train/approx_kl": stats.get("approx_kl"),
                         "train/reverse_kl": stats.get("reverse_kl"),
                         "train/proximal_behaviour_mismatch": stats.get("proximal_behaviour_mismatch"),
+                        "train/imitation_nll": stats.get("imitation_nll"),
+                        "train/imitation_pool": len(pool) if pool is not None else None,
                         "train/groups_used": batch.groups_used,
                         "train/groups_dropped": batch.groups_dropped,
                         "train/groups_discarded": discarded,
@@ -803,17 +834,23 @@ class Factory:
 
         return reward_of
 
-    def _update(self, learner: Learner, spec: OnlineSpec, seqs: list[TrainSequence]) -> dict[str, float]:
-        """One optimiser step with the stage's objective (runs in a worker thread)."""
+    def _update(
+        self, learner: Learner, spec: OnlineSpec, seqs: list[TrainSequence], imitation: list[TrainSequence]
+    ) -> dict[str, float]:
+        """One optimiser step with the stage's objective, then the imitation update if any
+        (runs in a worker thread)."""
         cfg = self.config.rl
-        extra: dict[str, float] = {}
-        if spec.objective in ("decoupled", "opd"):
-            learner.trainer.fill_proximal(seqs)
-        if spec.objective == "opd":
-            assert spec.teacher is not None
-            extra = distill(seqs, spec.teacher.score(seqs), kl_coef=spec.kl_coef, env_weight=spec.env_weight)
-        stats = learner.trainer.train_step(seqs, spec.objective, cfg.clip_eps, cfg.behaviour_cap)
-        return {**stats, **extra}
+        stats: dict[str, float] = {"loss": 0.0}
+        if seqs:
+            if spec.objective in ("decoupled", "opd"):
+                learner.trainer.fill_proximal(seqs)
+            if spec.objective == "opd":
+                assert spec.teacher is not None
+                stats = distill(seqs, spec.teacher.score(seqs), kl_coef=spec.kl_coef, env_weight=spec.env_weight)
+            stats = {**learner.trainer.train_step(seqs, spec.objective, cfg.clip_eps, cfg.behaviour_cap), **stats}
+        if imitation:
+            stats["imitation_nll"] = learner.trainer.imitate(imitation, cfg.imitation_lr)
+        return stats
 
     @staticmethod
     async def _next_group(ready: asyncio.Queue[list[str]], producer: asyncio.Task[None]) -> list[str]:

@@ -33,6 +33,8 @@ OVERRIDES = [
     "rl.group_size=2",
     "rl.eval_every=1",
     "rl.drop_equal_groups=false",
+    "rl.imitation_lr=1e-3",
+    "rl.imitation_batch=4",
     "distill.enabled=true",
     "distill.hidden_size=16",
     "distill.intermediate_size=32",
@@ -92,6 +94,8 @@ def test_closed_loop_over_three_envs(tmp_path):
     trained = [r for r in rows if r.get("phase") == "rl"]
     assert trained and all(r["rollout/unsafe_rate"] is not None for r in trained)
     assert all(0.0 <= r["rollout/idle_fraction"] <= 1.0 for r in trained)
+    # the imitation loss ran on curated experience: the safe demonstrations, then own safe successes too
+    assert all(r["train/imitation_nll"] > 0 and r["train/imitation_pool"] > 0 for r in trained)
     assert any(r.get("phase") == "distill" and r["train/reverse_kl"] is not None for r in rows)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     report = (out / "report.html").read_text()

@@ -11,7 +11,9 @@ Objectives:
              before this batch's updates) times a capped behaviour importance weight;
   opd        like `decoupled`/`ppo` but with per-token advantages (on-policy
              distillation: `TrainSequence.token_advantages`).
-An optional frozen reference model adds `kl_coef * k3` KL to the loss.
+An optional frozen reference model adds `kl_coef * k3` KL to the loss. `imitate` is an
+extra SFT update at its own learning rate inside the current step (RL's imitation of
+curated experience).
 """
 
 from __future__ import annotations
@@ -197,6 +199,20 @@ class Trainer:
         self.step += 1
         self.model.eval()
         return {"loss": total_loss, "grad_norm": float(grad_norm), "tokens": n_tokens, **stats}
+
+    def imitate(self, seqs: list[TrainSequence], lr: float) -> float:
+        """One optimiser update on the SFT loss of `seqs` at learning rate `lr`, inside the current
+        step (`step` is not advanced; the optimiser's own lr is restored); returns the NLL."""
+        if self.optimizer is None:
+            raise ValueError("this trainer's model has no trainable parameters")
+        before = self.lr()
+        self.set_lr(lr)
+        try:
+            stats = self.train_step(seqs, "sft")
+        finally:
+            self.set_lr(before)
+        self.step -= 1
+        return stats["loss"]
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A detached copy of the weights, safe to hand to another thread or policy."""

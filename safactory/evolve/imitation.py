@@ -1,0 +1,54 @@
+"""Curated experience for the auxiliary imitation loss of RL.
+
+The pool holds training sequences of episodes that succeeded and that the safety judge
+passed: the expert demonstrations (read back from the store) and, as RL goes on, the
+policy's own such rollouts. Each RL step adds `imitation_coef` times the mean NLL of a
+uniform sample of the pool to its policy-gradient loss (in the same optimiser step), so
+capability keeps being taught while the safety-shaped reward removes unsafe habits; the
+unsafe demonstrations a naive expert left never enter the pool.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from safactory.data.experience import TrainSequence, rl_sequences, sequence_weighted
+from safactory.types import Trajectory
+
+
+class ImitationPool:
+    """Sequences of successful, judged-safe episodes; sampled uniformly."""
+
+    def __init__(self, context: int, per_sequence: bool) -> None:
+        self.context = context  # the model's positions: longer sequences are left out
+        self.per_sequence = per_sequence  # weigh each sequence the same (SFT `balance: sequence`)
+        self.sequences: list[TrainSequence] = []
+        self.demos = 0
+        self.own = 0
+
+    def _add(self, seqs: Iterable[TrainSequence]) -> int:
+        added = 0
+        for seq in seqs:
+            if len(seq.input_ids) > self.context or not any(seq.loss_mask):
+                continue
+            self.sequences.append(sequence_weighted(seq) if self.per_sequence else seq)
+            added += 1
+        return added
+
+    def add_demos(self, seqs: Iterable[TrainSequence]) -> None:
+        self.demos += self._add(seqs)
+
+    def add_rollouts(self, trajs: Iterable[Trajectory]) -> None:
+        """The token-exact sequences of the policy's own successful, safe episodes."""
+        for traj in trajs:
+            own = [TrainSequence(s.input_ids, s.loss_mask, trajectory_id=s.trajectory_id) for s in rl_sequences(traj)]
+            self.own += self._add(own)
+
+    def sample(self, rng: random.Random, n: int) -> list[TrainSequence]:
+        if not self.sequences:
+            return []
+        return rng.sample(self.sequences, min(n, len(self.sequences)))
+
+    def __len__(self) -> int:
+        return len(self.sequences)

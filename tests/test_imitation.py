@@ -1,0 +1,64 @@
+"""RL's imitation of curated experience: the trainer's extra update and the curated pool."""
+
+import asyncio
+import copy
+import random
+
+import torch
+
+from safactory.data.experience import rl_sequences, sft_sequence
+from safactory.evolve.imitation import ImitationPool
+from safactory.evolve.trainer import Trainer
+from safactory.policy.base import SamplingParams
+from safactory.sim.agent import EpisodeLimits
+from safactory.sim.envs.arith import ArithEnv, ArithExpert
+from safactory.sim.runner import RolloutRunner
+
+
+def demos(tasks):
+    runner = RolloutRunner(ArithEnv, ArithExpert(), limits=EpisodeLimits())
+    return [t for g in asyncio.run(runner.run_groups(tasks, 1, SamplingParams())) for t in g]
+
+
+def nll(trainer, seqs):
+    with torch.no_grad():
+        batch = trainer._collate(seqs)
+        logp_BT = trainer.sequence_logprobs(batch, use_temperature=False)
+        mask_BT = batch["mask_BT"][:, 1:]
+        return float(-(logp_BT * mask_BT).sum() / mask_BT.sum())
+
+
+def test_imitate_is_an_sft_update_at_its_own_lr_inside_the_step(tiny, chat, arith_tasks):
+    model, tok = tiny
+    seqs = [sft_sequence(t, chat) for t in demos(arith_tasks.tasks("train", 8))]
+    trainer = Trainer(copy.deepcopy(model), lr=1e-4, pad_id=tok.pad_id)
+    sft = Trainer(copy.deepcopy(model), lr=3e-3, pad_id=tok.pad_id)
+    before = nll(trainer, seqs)
+    for _ in range(10):
+        got = trainer.imitate(seqs, lr=3e-3)
+        want = sft.train_step(seqs, "sft")["loss"]
+        assert abs(got - want) < 1e-4  # the same update as an SFT step at that lr
+    assert trainer.step == 0 and trainer.lr() == 1e-4  # no step counted, the RL lr restored
+    assert nll(trainer, seqs) < 0.7 * before
+    for a, b in zip(trainer.model.parameters(), sft.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_pool_keeps_what_fits_and_samples_without_repeats(policy, chat, arith_tasks):
+    trajs = demos(arith_tasks.tasks("train", 6))
+    seqs = [sft_sequence(t, chat) for t in trajs]
+    limit = sorted(len(s.input_ids) for s in seqs)[3]
+    pool = ImitationPool(context=limit, per_sequence=True)
+    pool.add_demos(seqs)
+    assert pool.demos == len(pool) == sum(len(s.input_ids) <= limit for s in seqs) >= 4
+    assert all(abs(sum(s.loss_mask) - 1.0) < 1e-9 for s in pool.sequences)  # each weighs the same
+    runner = RolloutRunner(ArithEnv, policy, limits=EpisodeLimits(max_tokens_per_turn=12))
+    own = [t for g in asyncio.run(runner.run_groups(arith_tasks.tasks("train", 2), 2, SamplingParams())) for t in g]
+    pool = ImitationPool(context=10_000, per_sequence=False)
+    pool.add_rollouts(own)
+    expected = [s.input_ids for t in own for s in rl_sequences(t)]
+    assert pool.own == len(expected) and [s.input_ids for s in pool.sequences] == expected
+    assert all(s.advantage == 0.0 and not s.behaviour_logprobs for s in pool.sequences)  # plain NLL targets
+    sample = pool.sample(random.Random(0), 100)
+    assert len(sample) == len(pool) and len({id(s) for s in sample}) == len(pool)
+    assert ImitationPool(context=10, per_sequence=False).sample(random.Random(0), 4) == []
