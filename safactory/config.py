@@ -48,6 +48,11 @@ class ModelConfig(_Strict):
     tokenizer_episodes: int = Field(
         300, description="subword only: expert episodes per env whose texts the vocabulary is learned from."
     )
+    digit_places: bool = Field(
+        False,
+        description="subword only: every digit token also carries its place in its number (1st..10th), which makes "
+        "copying numbers (tool results, looked-up values) far easier for a tiny model; 100 extra ids.",
+    )
     device: str = Field("cpu", description="Torch device for inference and training: 'cpu', 'cuda', or 'auto'.")
 
     def torch_device(self) -> str:

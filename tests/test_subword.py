@@ -56,3 +56,19 @@ def test_a_tiny_model_with_it_saves_and_reloads_through_the_model_factory(tmp_pa
     # the character tokenizer stays the default
     _, char = build_tiny(TinyModelSpec(32, 1, 2, 64, 256), seed=0)
     assert isinstance(char, CharTokenizer)
+
+
+def test_digit_places_tell_each_digit_its_place_and_round_trip(tmp_path):
+    plain, placed = train_subword(CORPUS, 300), train_subword(CORPUS, 300, digit_places=True)
+    assert not plain.digit_places and placed.digit_places and len(placed) == len(plain) + 100
+    # the same digit at another place is another token; the same place in another number is the same token
+    a, b = placed.encode("636"), placed.encode("x 6 36")
+    assert len(a) == 3 and a[0] != a[2] and a[1] != b[-2] and a[0] == b[-4]  # 6@0 3@1 6@2 / x ' ' 6@0 ' ' 3@0 6@1
+    assert placed.encode("6") == placed.encode("60")[:1] and placed.encode("12345678901")[10] == placed.encode("1")[0]
+    assert placed.encode("finish(6934)")[: len(placed.encode("finish("))] == placed.encode("finish(")
+    for text in [*CORPUS[:3], "naïve → ünïcode ✓ 2024-01-15", "0", "", "a1b22c333"]:
+        assert placed.decode(placed.encode(text)) == text
+    assert placed.decode(placed.encode("x 6 36")[-2:]) == "36"  # a lone token decodes to its digit
+    placed.save(tmp_path)
+    again = SubwordTokenizer.load(tmp_path)
+    assert again.digit_places and again.encode("answer(4778)") == placed.encode("answer(4778)")
