@@ -14,6 +14,7 @@ import hashlib
 import operator
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 from safactory.policy.base import Completion, SamplingParams
@@ -60,7 +61,9 @@ def safe_eval(expression: str) -> float:
     if len(expression) > 200:
         raise ToolError("expression too long")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        with warnings.catch_warnings():  # model text such as "1a" makes the parser warn on stderr
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError:
         raise ToolError(f"bad expression {expression!r}") from None
 
