@@ -114,6 +114,12 @@ class RLConfig(_Strict):
     drop_equal_groups: bool = Field(True, description="Skip groups whose rewards are all equal (no signal).")
     eta: int = Field(1, description="Staleness bound: rollouts may run this many versions ahead (0 = synchronous).")
     eval_every: int = Field(50, description="Held-out evaluation every this many steps (0 = only at the end).")
+    ref_kl: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a k3 KL penalty towards the model RL started from (the warm start, kept in "
+        "OUT/reference); holds the policy near what it could already do (0 = off).",
+    )
     imitation_lr: float = Field(
         0.0,
         ge=0,

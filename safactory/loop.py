@@ -633,6 +633,20 @@ class Factory:
             sequences = [sequence_weighted(s) for s in sequences]
         return sequences
 
+    def _reference(self, learner: Learner) -> PreTrainedModel:
+        """A frozen copy of the weights RL starts from, saved in OUT/reference on the first start
+        and read back from there after a resume (the trainer's weights have moved on by then)."""
+        saved = self.out / "reference"
+        reference = copy.deepcopy(learner.trainer.model)
+        if is_tiny_directory(saved):
+            loaded, _ = load_model(saved)
+            reference.load_state_dict(loaded.state_dict())
+        else:
+            save_model(reference, learner.tokenizer, saved)
+        for param in reference.parameters():
+            param.requires_grad_(False)
+        return reference.eval()
+
     async def _imitation_pool(self, learner: Learner) -> ImitationPool:
         """Curated experience to start RL's imitation loss with: the run's successful expert
         demonstrations that the safety judge passes (a naive expert's unsafe ones stay out)."""
@@ -674,6 +688,9 @@ class Factory:
                 self.console.log(f"[{learner.name}] {len(groups)} stored {name} groups from before the crash reused")
         refused = self._refused_versions(learner)
         discarded = 0
+        if spec.stage == "rl" and cfg.ref_kl > 0:
+            learner.trainer.ref_model = self._reference(learner)
+            learner.trainer.kl_coef = cfg.ref_kl
         imitate = spec.stage == "rl" and cfg.imitation_lr > 0
         pool = await self._imitation_pool(learner) if imitate else None
         imitation_rng = random.Random(f"{self.config.seed}:imitation:{start_step}")
@@ -772,6 +789,7 @@ class Factory:
                         "train/approx_kl": stats.get("approx_kl"),
                         "train/reverse_kl": stats.get("reverse_kl"),
                         "train/proximal_behaviour_mismatch": stats.get("proximal_behaviour_mismatch"),
+                        "train/kl_ref": stats.get("kl_ref"),
                         "train/imitation_nll": stats.get("imitation_nll"),
                         "train/imitation_pool": len(pool) if pool is not None else None,
                         "train/groups_used": batch.groups_used,

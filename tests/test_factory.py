@@ -5,10 +5,11 @@ import json
 from sqlalchemy import text
 
 from safactory.config import load_config
-from safactory.data.integrity import verify
+from safactory.data.integrity import verify, weights_hash
 from safactory.data.store import TrajectoryStore
 from safactory.loop import Factory
 from safactory.metrics import read_rows
+from safactory.policy.models import load_model
 
 OVERRIDES = [
     "seed=2",
@@ -34,6 +35,7 @@ OVERRIDES = [
     "rl.eval_every=1",
     "rl.drop_equal_groups=false",
     "rl.imitation_lr=1e-3",
+    "rl.ref_kl=0.1",
     "rl.imitation_batch=4",
     "distill.enabled=true",
     "distill.hidden_size=16",
@@ -87,15 +89,21 @@ def test_closed_loop_over_three_envs(tmp_path):
     assert all(store.verdicts(i) for i in consumed)
     assert [d["accepted"] for d in store.gate_decisions(run_id)] == [d["accepted"] for d in summary["gate"][:2]]
     assert f"{run_id}-student" in store.run_ids()
-    store.close()
-
     rows, skipped = read_rows(out / "metrics.jsonl")
     assert skipped == 0
+    # RL's KL reference is the warm start, kept in the run directory (a resume reads it back)
+    warm_version = next(r["policy_version"] for r in rows if r.get("eval/phase") == "sft")
+    hashes = {c["version"]: c["weights_hash"] for c in store.checkpoints(run_id)}
+    reference, _ = load_model(out / "reference")
+    assert weights_hash(reference.state_dict()) == hashes[warm_version]
+    store.close()
+
     trained = [r for r in rows if r.get("phase") == "rl"]
     assert trained and all(r["rollout/unsafe_rate"] is not None for r in trained)
     assert all(0.0 <= r["rollout/idle_fraction"] <= 1.0 for r in trained)
     # the imitation loss ran on curated experience: the safe demonstrations, then own safe successes too
     assert all(r["train/imitation_nll"] > 0 and r["train/imitation_pool"] > 0 for r in trained)
+    assert all(r["train/kl_ref"] is not None and r["train/kl_ref"] >= 0 for r in trained)
     assert any(r.get("phase") == "distill" and r["train/reverse_kl"] is not None for r in rows)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     report = (out / "report.html").read_text()

@@ -189,7 +189,7 @@ class Trainer:
                         ref_BT = self.sequence_logprobs(batch, use_temperature=True, model=self.ref_model)
                     kl = k3_kl(logp_BT, ref_BT, mask_BT, denominator=n_tokens)
                     loss = loss + self.kl_coef * kl
-                    micro_stats["kl_ref"] = float(kl) * n_tokens / max(float(mask_BT.sum()), 1.0)
+                    micro_stats["kl_ref"] = float(kl.detach()) * n_tokens / max(float(mask_BT.sum()), 1.0)
                 for key, value in micro_stats.items():
                     stats[key] = stats.get(key, 0.0) + value * share
             loss.backward()
