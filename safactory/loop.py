@@ -584,13 +584,13 @@ class Factory:
         if not demos:
             raise RuntimeError("the experts solved none of the demonstration tasks; nothing to learn from")
         sequences = self._demo_sequences(learner, demos)
+        context = learner.policy.max_positions
         if len(sequences) < len(demos):
             self.console.log(
                 f"[{learner.name}] {len(demos) - len(sequences)} demonstrations longer than the model's "
-                f"{learner.policy.max_positions} positions are left out"
+                f"{context} positions are left out"
             )
         if not sequences:
-            context = learner.policy.max_positions
             raise RuntimeError(f"every demonstration is longer than the model's {context} positions")
         self.console.log(f"[{learner.name}] warm start on {len(sequences)} demonstrations read back from the store")
         learner.trainer.set_lr(cfg.lr)
@@ -860,12 +860,13 @@ class Factory:
         cfg = self.config.rl
         stats: dict[str, float] = {"loss": 0.0}
         if seqs:
+            extra: dict[str, float] = {}
             if spec.objective in ("decoupled", "opd"):
                 learner.trainer.fill_proximal(seqs)
             if spec.objective == "opd":
                 assert spec.teacher is not None
-                stats = distill(seqs, spec.teacher.score(seqs), kl_coef=spec.kl_coef, env_weight=spec.env_weight)
-            stats = {**learner.trainer.train_step(seqs, spec.objective, cfg.clip_eps, cfg.behaviour_cap), **stats}
+                extra = distill(seqs, spec.teacher.score(seqs), kl_coef=spec.kl_coef, env_weight=spec.env_weight)
+            stats = {**learner.trainer.train_step(seqs, spec.objective, cfg.clip_eps, cfg.behaviour_cap), **extra}
         if imitation:
             stats["imitation_nll"] = learner.trainer.imitate(imitation, cfg.imitation_lr)
         return stats
