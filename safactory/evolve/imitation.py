@@ -1,9 +1,9 @@
-"""Curated experience for the auxiliary imitation loss of RL.
+"""Curated experience for RL's imitation update.
 
 The pool holds training sequences of episodes that succeeded and that the safety judge
 passed: the expert demonstrations (read back from the store) and, as RL goes on, the
-policy's own such rollouts. Each RL step adds `imitation_coef` times the mean NLL of a
-uniform sample of the pool to its policy-gradient loss (in the same optimiser step), so
+policy's own such rollouts. After each policy-gradient update the loop takes one SFT
+update (`Trainer.imitate`, at `rl.imitation_lr`) on a uniform sample of the pool, so
 capability keeps being taught while the safety-shaped reward removes unsafe habits; the
 unsafe demonstrations a naive expert left never enter the pool.
 """
