@@ -648,7 +648,7 @@ class Factory:
         return reference.eval()
 
     async def _imitation_pool(self, learner: Learner) -> ImitationPool:
-        """Curated experience to start RL's imitation loss with: the run's successful expert
+        """Curated experience to start RL's imitation update with: the run's successful expert
         demonstrations that the safety judge passes (a naive expert's unsafe ones stay out)."""
         pool = ImitationPool(learner.policy.max_positions, self.config.sft.balance == "sequence")
         demos = await self._demos(learner, self.state.run_id)
