@@ -46,8 +46,6 @@ class ImitationPool:
             self.own += self._add(own)
 
     def sample(self, rng: random.Random, n: int) -> list[TrainSequence]:
-        if not self.sequences:
-            return []
         return rng.sample(self.sequences, min(n, len(self.sequences)))
 
     def __len__(self) -> int:

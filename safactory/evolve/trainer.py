@@ -149,8 +149,10 @@ class Trainer:
         objective: Objective,
         clip_eps: float = 0.2,
         behaviour_cap: float | None = 2.0,
+        count: bool = True,
     ) -> dict[str, float]:
-        """One optimiser step over `seqs`; returns loss and diagnostics."""
+        """One optimiser step over `seqs`; returns loss and diagnostics. `count=False` leaves
+        `step` alone (an extra update inside the current step, as `imitate` takes)."""
         if not seqs:
             raise ValueError("train_step needs at least one sequence")
         if self.optimizer is None:
@@ -196,23 +198,20 @@ class Trainer:
             total_loss += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
-        self.step += 1
+        if count:
+            self.step += 1
         self.model.eval()
         return {"loss": total_loss, "grad_norm": float(grad_norm), "tokens": n_tokens, **stats}
 
     def imitate(self, seqs: list[TrainSequence], lr: float) -> float:
         """One optimiser update on the SFT loss of `seqs` at learning rate `lr`, inside the current
         step (`step` is not advanced; the optimiser's own lr is restored); returns the NLL."""
-        if self.optimizer is None:
-            raise ValueError("this trainer's model has no trainable parameters")
         before = self.lr()
         self.set_lr(lr)
         try:
-            stats = self.train_step(seqs, "sft")
+            return self.train_step(seqs, "sft", count=False)["loss"]
         finally:
             self.set_lr(before)
-        self.step -= 1
-        return stats["loss"]
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A detached copy of the weights, safe to hand to another thread or policy."""
