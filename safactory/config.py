@@ -53,12 +53,6 @@ class ModelConfig(_Strict):
         description="subword only: every digit token also carries its place in its number (1st..10th), which makes "
         "copying numbers (tool results, looked-up values) far easier for a tiny model; 100 extra ids.",
     )
-    grid_chars: str = Field(
-        "",
-        description="subword only: the characters of text grids (e.g. '#.AG' for maze boards); in a line made only of "
-        "them each character becomes a token that also carries its column, so a tiny model can see which square is "
-        "above which; 16 extra ids per character.",
-    )
     device: str = Field("cpu", description="Torch device for inference and training: 'cpu', 'cuda', or 'auto'.")
 
     def torch_device(self) -> str:

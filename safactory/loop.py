@@ -427,7 +427,7 @@ class Factory:
                 texts.append(render.tokenizer.decode(render.render(traj.messages())[0]))
         if not texts:
             raise ValueError("model.tokenizer=subword learns its vocabulary from the envs' experts; none has one")
-        tokenizer = await asyncio.to_thread(train_subword, texts, m.vocab_size, m.digit_places, m.grid_chars)
+        tokenizer = await asyncio.to_thread(train_subword, texts, m.vocab_size, m.digit_places)
         saved.mkdir(parents=True, exist_ok=True)
         tokenizer.save(saved)
         self.console.log(f"subword tokenizer: {len(tokenizer)} ids learned from {len(texts)} expert episodes")

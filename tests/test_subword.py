@@ -72,24 +72,3 @@ def test_digit_places_tell_each_digit_its_place_and_round_trip(tmp_path):
     placed.save(tmp_path)
     again = SubwordTokenizer.load(tmp_path)
     assert again.digit_places and again.encode("answer(4778)") == placed.encode("answer(4778)")
-
-
-def test_grid_places_give_each_square_its_column_and_round_trip(tmp_path):
-    plain, gridded = train_subword(CORPUS, 300), train_subword(CORPUS, 300, grid_chars="#.AG")
-    assert plain.grid_chars == "" and gridded.grid_chars == "#.AG" and len(gridded) == len(plain) + 4 * 16
-    # a row of the board is one token per square; the same square in another column is another token
-    row = gridded.encode("#.#A#")
-    assert len(row) == 5 and row[0] != row[2] and len(plain.encode("#.#A#")) < 5
-    above, below = gridded.encode("#..A#"), gridded.encode("#.#A#")
-    assert above[3] == below[3] and above[1] == below[1] and above[2] != below[2]  # A@3, .@1 alike; .@2 vs #@2
-    assert gridded.encode("x #.# y")[1:-1] != plain.encode("x #.# y")[1:-1]
-    # only whole words made of grid characters are placed: prose keeps its subwords
-    columns = set(gridded.encode("#.AG.#AG#.AG.#AG"))  # a word of grid characters: column tokens only
-    assert len(columns) == 16 and columns.isdisjoint(gridded.encode("A: move(left) GAP x.AG"))
-    for text in [*CORPUS[:3], "##### #...# #G.A# #####", "a #.# b\n..\n...x", "G", "", "AG GA"]:
-        assert gridded.decode(gridded.encode(text)) == text
-    gridded.save(tmp_path)
-    again = SubwordTokenizer.load(tmp_path)
-    assert again.grid_chars == "#.AG" and again.encode("#G.A#") == gridded.encode("#G.A#")
-    with pytest.raises(ValueError, match="grid_chars"):
-        train_subword(CORPUS, 300, grid_chars="#1")

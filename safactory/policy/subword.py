@@ -17,14 +17,6 @@ then asks a head to look up "the digit at place k" instead of matching neighbour
 a tiny model learns far sooner than copying plain digits (where "636" easily becomes
 "663"). Decoding drops the places. The places ride on the code points U+100000..U+100063
 (private use), so text that itself holds those code points does not round-trip.
-
-Optional grid places (`train_subword(..., grid_chars="#.AG")`): in a word (between
-spaces or line breaks) made only of the given characters, such as a row of a maze board,
-each character is encoded as a token that also carries its column (1st..16th, then
-again), so "#.#A#" is `#@0 .@1 #@2 A@3 #@4`.
-A byte-level BPE would cut such rows into chunks like `#.###` that hide which square is
-above which; with columns, "what is above A@3" is "the @3 token of the row before".
-These ride on the private-use code points from U+100100 (16 per ASCII character).
 """
 
 from __future__ import annotations
@@ -43,28 +35,10 @@ _PLACE_BASE = 0x100000  # code point of digit 0 at place 0; digit d at place k i
 _DIGIT_RUN = re.compile(r"[0-9]+")
 _PLACE_CHARS = [chr(_PLACE_BASE + i) for i in range(10 * PLACES)]
 _UNPLACE = {_PLACE_BASE + i: str(i % 10) for i in range(10 * PLACES)}
-GRID_PLACES = 16  # grid columns told apart; the 17th column reuses the 1st place
-_GRID_BASE = 0x100100  # code point of ASCII character c at column k: BASE + GRID_PLACES * ord(c) + k
-_GRID_END = _GRID_BASE + GRID_PLACES * 128
 
 
 def _placed(run: re.Match[str]) -> str:
     return "".join(_PLACE_CHARS[10 * (k % PLACES) + int(d)] for k, d in enumerate(run.group()))
-
-
-def _grid_char(c: str, column: int) -> str:
-    return chr(_GRID_BASE + GRID_PLACES * ord(c) + column % GRID_PLACES)
-
-
-def _grid_row_pattern(chars: str) -> re.Pattern[str]:
-    """Words (two or more characters between whitespace or the ends) made only of `chars`."""
-    return re.compile(rf"(?<!\S)[{re.escape(chars)}]{{2,}}(?!\S)")
-
-
-def _check_grid_chars(chars: str) -> None:
-    bad = [c for c in chars if not (c.isascii() and c.isprintable()) or c.isspace() or c.isdigit()]
-    if bad or len(set(chars)) != len(chars):
-        raise ValueError(f"grid_chars must be distinct printable ASCII, not space or digits; got {chars!r}")
 
 
 class SubwordTokenizer:
@@ -77,13 +51,6 @@ class SubwordTokenizer:
         self.inner = inner
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(len(SPECIALS))
         self.digit_places = inner.token_to_id(_PLACE_CHARS[0]) is not None
-        # the grid characters are read back from the column tokens the vocabulary holds
-        grid = sorted({chr((ord(t) - _GRID_BASE) // GRID_PLACES) for t in inner.get_vocab() if _is_grid_token(t)})
-        self.grid_chars = "".join(grid)
-        self._grid_row = _grid_row_pattern(self.grid_chars) if grid else None
-        self._unplace = dict(_UNPLACE) if self.digit_places else {}
-        for c in grid:
-            self._unplace.update({ord(_grid_char(c, k)): c for k in range(GRID_PLACES)})
 
     def __len__(self) -> int:
         return self.inner.get_vocab_size()
@@ -96,15 +63,13 @@ class SubwordTokenizer:
         return self.inner.get_vocab()
 
     def encode(self, text: str) -> list[int]:
-        if self._grid_row is not None:
-            text = self._grid_row.sub(_gridded, text)
         if self.digit_places:
             text = _DIGIT_RUN.sub(_placed, text)
         return self.inner.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         text = self.inner.decode(list(ids), skip_special_tokens=skip_special)
-        return text.translate(self._unplace) if self._unplace else text
+        return text.translate(_UNPLACE) if self.digit_places else text
 
     def save(self, directory: str | Path) -> None:
         (Path(directory) / FILENAME).write_text(self.inner.to_str())
@@ -114,30 +79,15 @@ class SubwordTokenizer:
         return cls(Tokenizer.from_str((Path(directory) / FILENAME).read_text()))
 
 
-def _is_grid_token(token: str) -> bool:
-    return len(token) == 1 and _GRID_BASE <= ord(token) < _GRID_END
-
-
-def _gridded(line: re.Match[str]) -> str:
-    return "".join(_grid_char(c, k) for k, c in enumerate(line.group()))
-
-
 TinyTokenizer = CharTokenizer | SubwordTokenizer
 """The tokenizers of the tiny models (plain-text tool protocol)."""
 
 
-def train_subword(
-    texts: Iterable[str], vocab_size: int = 1024, digit_places: bool = False, grid_chars: str = ""
-) -> SubwordTokenizer:
+def train_subword(texts: Iterable[str], vocab_size: int = 1024, digit_places: bool = False) -> SubwordTokenizer:
     """Learn a byte-level BPE of at most `vocab_size` ids from `texts` (deterministic for the same texts);
-    `digit_places` adds the 100 place-digit tokens on top, `grid_chars` 16 column tokens per grid
-    character (see the module docstring); grid rows are left out of the BPE's own training."""
+    `digit_places` adds the 100 place-digit tokens on top (see the module docstring)."""
     if vocab_size < len(SPECIALS) + 256:
         raise ValueError(f"vocab_size must be at least {len(SPECIALS) + 256} (specials + the 256 bytes)")
-    if grid_chars:
-        _check_grid_chars(grid_chars)
-        grid_row = _grid_row_pattern(grid_chars)
-        texts = (grid_row.sub("", text) for text in texts)
     inner = Tokenizer(models.BPE())
     inner.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -152,7 +102,4 @@ def train_subword(
     inner.train_from_iterator(texts, trainer)
     if digit_places:
         inner.add_tokens([AddedToken(c, normalized=False) for c in _PLACE_CHARS])
-    if grid_chars:
-        columns = [_grid_char(c, k) for c in grid_chars for k in range(GRID_PLACES)]
-        inner.add_tokens([AddedToken(c, normalized=False) for c in columns])
     return SubwordTokenizer(inner)
