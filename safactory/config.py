@@ -127,6 +127,9 @@ class RLConfig(_Strict):
         "episodes the safety judge passed, from the expert demonstrations and the policy's own rollouts (0 = off).",
     )
     imitation_batch: int = Field(64, gt=0, description="Curated sequences per RL step for the imitation update.")
+    imitation_own: bool = Field(
+        True, description="Also imitate the policy's own successful, judged-safe rollouts (off: demonstrations only)."
+    )
     objective: Literal["ppo", "decoupled", "opd"] = Field(
         "ppo",
         description="ppo: clipped ratio vs the trace's behaviour log-probs (GRPO); decoupled: vs the weights before "

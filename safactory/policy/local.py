@@ -32,6 +32,13 @@ touched: `Completion.policy_versions` lists them in order (several when a swap f
 inside the request) and `Completion.policy_version` is the version of its first token.
 With static batching a swap waits for the running batch, so every completion there
 touches exactly one version.
+
+Prefix cache (continuous batching, `prefix_cache_mb` > 0): the keys and values of every
+request that finishes on one weights version are kept (`safactory.policy.prefix_cache`),
+and a joining prompt that starts with a kept request's tokens (the next turn of the same
+episode, which re-sends the whole conversation) is fed only from where they differ. The
+cache is cleared whenever new weights are loaded, so reused keys and values are always
+those the current weights compute (up to float rounding).
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ from transformers import PreTrainedModel
 
 from safactory.policy.base import Completion, PolicyError, SamplingParams
 from safactory.policy.chat import ChatRenderer
-from safactory.policy.slots import HAVE_ATTENTION_INTERFACE, SLOTS_ATTENTION, KVSlots
+from safactory.policy.prefix_cache import PrefixCache
+from safactory.policy.slots import HAVE_ATTENTION_INTERFACE, SLOTS_ATTENTION, CachedPrefix, KVSlots
 from safactory.types import Message, ToolCall, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -151,7 +159,8 @@ class LocalPolicy:
 
     Counters: `batches` (busy periods of the continuous engine, or batches of the
     static one), `batched_requests`, `decode_steps` and `step_log` (the last steps'
-    `StepRecord`s: batch composition per decode step).
+    `StepRecord`s: batch composition per decode step); `prefix_cache.stats` (None
+    without a prefix cache).
     """
 
     def __init__(
@@ -164,6 +173,7 @@ class LocalPolicy:
         version: int = 0,
         continuous: bool = True,
         step_log_size: int = 4096,
+        prefix_cache_mb: float = 1024.0,
     ) -> None:
         self.model = model.eval()
         self.chat = chat
@@ -195,6 +205,8 @@ class LocalPolicy:
         self._rows: list[_Row] = []
         self._slots: KVSlots | None = None
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        use_cache = continuous and prefix_cache_mb > 0
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if use_cache else None
 
     @property
     def running(self) -> int:
@@ -352,6 +364,8 @@ class LocalPolicy:
         with self._lock:
             self.model.load_state_dict(state_dict)
             self.version = self.version + 1 if version is None else version
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()  # what it holds was computed by the old weights
             return self.version
 
     async def publish(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> int:
@@ -441,6 +455,8 @@ class LocalPolicy:
                 row.finish = self._finished(row.tokens, row.req.sampling)
                 if row.finish:
                     done.append((row.req, _Result(row.tokens, row.logprobs, row.finish, row.versions)))
+                    if self.prefix_cache is not None and row.versions == [version]:
+                        self._keep_prefix(b, row)
                 elif not row.req.future.done():  # a caller that gave up leaves too
                     keep.append(b)
             self._drop_rows(keep)
@@ -449,22 +465,34 @@ class LocalPolicy:
             self.step_log.append(record)
             return done
 
+    def _keep_prefix(self, b: int, row: _Row) -> None:
+        """Put finished row `b`'s keys and values in the prefix cache: its prompt and all but its last token."""
+        assert self._slots is not None and self.prefix_cache is not None
+        keys, values = self._slots.row_entries(b)
+        self.prefix_cache.store(row.req.prompt_ids + row.tokens[:-1], keys, values)
+
     def _forward(self, joining: list[_Request]) -> torch.Tensor:
         """Feed every running row its pending token and every joining request its prompt; return logits_BV.
 
         One forward pass over the flat sequence of those tokens (see `safactory.policy.slots`);
-        the joined rows are appended to the running batch. Logit rows follow the batch's rows.
+        a joining prompt whose start is in the prefix cache is fed from the end of that start.
+        The joined rows are appended to the running batch. Logit rows follow the batch's rows.
         """
         rows = self._rows
         if self._slots is None:
             self._slots = KVSlots(self.device)
-        plan = self._slots.plan(len(rows), [len(r.prompt_ids) for r in joining])
+        cache = self.prefix_cache
+        prefixes: list[CachedPrefix | None] = [
+            cache.lookup(r.prompt_ids) if cache is not None else None for r in joining
+        ]
+        plan = self._slots.plan(len(rows), [len(r.prompt_ids) for r in joining], prefixes)
         ids = [r.tokens[-1] for r in rows]
         positions = [r.next_pos for r in rows]
         last = list(range(len(rows)))
-        for req in joining:
-            ids += req.prompt_ids
-            positions += range(len(req.prompt_ids))
+        for req, prefix in zip(joining, prefixes, strict=True):
+            cached = prefix.length if prefix is not None else 0
+            ids += req.prompt_ids[cached:]
+            positions += range(cached, len(req.prompt_ids))
             last.append(len(ids) - 1)
         ids_1N = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos_1N = torch.tensor([positions], dtype=torch.long, device=self.device)

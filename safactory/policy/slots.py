@@ -11,7 +11,10 @@ to which row. That is `slots_attention`, registered with transformers'
    (one copy for the running rows' column, one per joining prompt);
 2. runs the running rows' queries (one each) against their rows of the cache in one
    batched attention call, padding masked;
-3. runs each joining prompt causally over its own keys (it has no earlier context).
+3. runs each joining prompt causally over its own keys, or, when the prompt's start was
+   found in the prefix cache (`safactory.policy.prefix_cache`), writes the cached keys and
+   values of that start into the row first and runs only the rest of the prompt, each
+   token over the cached start and the prompt tokens before it.
 
 `KVSlots` holds per-layer buffers shaped [rows, kv_heads, columns, head_dim] with
 spare room. Rows are right-aligned in a window of columns: every row's next token goes
@@ -49,14 +52,25 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
 
 
+@dataclass(frozen=True)
+class CachedPrefix:
+    """Keys and values of the first `length` tokens of a prompt: per layer [kv_heads, >=length, head_dim]."""
+
+    length: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
 @dataclass
 class StepPlan:
     """Where the N tokens of one flat forward go; passed to the model as the `slot_plan` kwarg.
 
     Tokens 0..`decode`-1 are the running rows' pending tokens (one per row, rows in
-    order), written at buffer column `column`; then each joining prompt, `spans[j] =
-    (offset, length)`, whose row is `decode + j` and whose last token is also at
-    `column`. Attention reads buffer columns `first`..`column`.
+    order), written at buffer column `column`; then the fed part of each joining prompt,
+    `spans[j] = (offset, length)`, whose row is `decode + j` and whose last token is also
+    at `column`. A joining prompt with a cached start (`prefixes[j]`) feeds only the tokens
+    after it; `masks[j]` is then the causal mask of those tokens over the whole prompt.
+    Attention reads buffer columns `first`..`column`.
     """
 
     slots: KVSlots
@@ -65,6 +79,8 @@ class StepPlan:
     column: int
     spans: list[tuple[int, int]]
     mask_B11L: torch.Tensor | None  # the running rows' padding (None: no row is padded)
+    prefixes: list[CachedPrefix | None]
+    masks: list[torch.Tensor | None]
 
     def attend(
         self, layer: int, q_1HND: torch.Tensor, k_1GND: torch.Tensor, v_1GND: torch.Tensor, scale: float
@@ -78,6 +94,10 @@ class StepPlan:
         keys[:B, :, self.column] = k_1GND[0, :, :B].transpose(0, 1)
         values[:B, :, self.column] = v_1GND[0, :, :B].transpose(0, 1)
         for j, (start, length) in enumerate(self.spans):
+            if (prefix := self.prefixes[j]) is not None:
+                cached = slice(end - length - prefix.length, end - length)
+                keys[B + j, :, cached] = prefix.keys[layer][:, : prefix.length]
+                values[B + j, :, cached] = prefix.values[layer][:, : prefix.length]
             keys[B + j, :, end - length : end] = k_1GND[0, :, start : start + length]
             values[B + j, :, end - length : end] = v_1GND[0, :, start : start + length]
         o_BHD = None
@@ -93,13 +113,19 @@ class StepPlan:
         out_NHD = q_1HND.new_empty((N, H, D))
         if o_BHD is not None:
             out_NHD[:B] = o_BHD
-        for start, length in self.spans:
+        for j, (start, length) in enumerate(self.spans):
             stop = start + length
-            k_1HPD, v_1HPD = k_1GND[:, :, start:stop], v_1GND[:, :, start:stop]
+            prefix, mask_PT = self.prefixes[j], self.masks[j]
+            if prefix is None:  # the prompt's own keys, causally
+                k_1HTD, v_1HTD = k_1GND[:, :, start:stop], v_1GND[:, :, start:stop]
+            else:  # the cached start and the fed tokens, as they now stand in the row
+                row = slice(B + j, B + j + 1)
+                k_1HTD = keys[row, :, end - length - prefix.length : end]
+                v_1HTD = values[row, :, end - length - prefix.length : end]
             if G != H:
-                k_1HPD, v_1HPD = k_1HPD.repeat_interleave(H // G, dim=1), v_1HPD.repeat_interleave(H // G, dim=1)
+                k_1HTD, v_1HTD = k_1HTD.repeat_interleave(H // G, dim=1), v_1HTD.repeat_interleave(H // G, dim=1)
             o_1HPD = F.scaled_dot_product_attention(
-                q_1HND[:, :, start:stop], k_1HPD, v_1HPD, is_causal=True, scale=scale
+                q_1HND[:, :, start:stop], k_1HTD, v_1HTD, attn_mask=mask_PT, is_causal=mask_PT is None, scale=scale
             )
             out_NHD[start:stop] = o_1HPD[0].transpose(0, 1)
         return out_NHD[None]
@@ -169,14 +195,23 @@ class KVSlots:
             self.values.append(like.new_zeros(shape))
         return self.keys[index], self.values[index]
 
-    def plan(self, decode: int, prompt_lengths: list[int]) -> StepPlan:
+    def plan(
+        self, decode: int, prompt_lengths: list[int], prefixes: list[CachedPrefix | None] | None = None
+    ) -> StepPlan:
         """Make room for one flat step: the `decode` running rows, then joining prompts of `prompt_lengths`.
 
         The running rows write their pending token in the window's next column;
         joining prompt j fills row `decode + j` up to and including that column (the
         window widens to the left if the prompt is longer than the running rows'
         entries). After the step every row's next token goes to the column after it.
+        A joining prompt with a cached start (`prefixes[j]`, shorter than the prompt) is
+        fed from the token after that start.
         """
+        prefixes = prefixes if prefixes is not None else [None] * len(prompt_lengths)
+        if len(prefixes) != len(prompt_lengths) or any(
+            p is not None and not 0 < p.length < n for p, n in zip(prefixes, prompt_lengths, strict=True)
+        ):
+            raise ValueError("each cached prefix must be shorter than its prompt (one per joining prompt)")
         assert decode == self.rows
         B, L = decode, self.length
         column = max(L, max(prompt_lengths, default=0) - 1)  # relative to the window
@@ -184,18 +219,29 @@ class KVSlots:
         first = self.base
         self.mask_BL[:B, first + column] = True
         spans: list[tuple[int, int]] = []
+        masks: list[torch.Tensor | None] = []
         offset = B
-        for j, length in enumerate(prompt_lengths):
+        for j, (length, prefix) in enumerate(zip(prompt_lengths, prefixes, strict=True)):
             start = column + 1 - length
             self.mask_BL[B + j, first : first + start] = False
             self.mask_BL[B + j, first + start : first + column + 1] = True
             self.starts.append(start)
-            spans.append((offset, length))
-            offset += length
+            fed = length - (prefix.length if prefix is not None else 0)
+            spans.append((offset, fed))
+            offset += fed
+            if prefix is None:
+                masks.append(None)
+            else:  # fed token i sees the cached start and fed tokens 0..i
+                masks.append(torch.ones((fed, length), dtype=torch.bool, device=self.device).tril(length - fed))
         padded = any(self.starts[:B])
         mask_B11L = self.mask_BL[:B, None, None, first : first + column + 1] if padded else None
         self.rows, self.length = B + len(prompt_lengths), column + 1
-        return StepPlan(self, B, first, first + column, spans, mask_B11L)
+        return StepPlan(self, B, first, first + column, spans, mask_B11L, prefixes, masks)
+
+    def row_entries(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of row `row`'s keys and values, per layer [kv_heads, entries, head_dim], oldest first."""
+        entries = slice(self.base + self.starts[row], self.base + self.length)
+        return [k[row, :, entries].clone() for k in self.keys], [v[row, :, entries].clone() for v in self.values]
 
     def _reserve(self, rows: int, width: int, shift: int) -> None:
         """Room for `rows` rows and a window `width` columns wide whose current entries sit `shift` columns in."""
