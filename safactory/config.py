@@ -69,6 +69,12 @@ class RolloutConfig(_Strict):
     max_tokens_per_turn: int = Field(32, description="Generated-token limit per assistant turn.")
     timeout_s: float = Field(300.0, description="Wall-clock limit per episode.")
     max_batch: int = Field(512, description="Largest generation batch of the local policy.")
+    prefix_cache_mb: float = Field(
+        1024.0,
+        ge=0,
+        description="Memory for the local policy's prefix cache: a later turn of an episode reuses the keys and "
+        "values of the conversation so far instead of recomputing them (0 = off).",
+    )
     endpoint: str | None = Field(
         None,
         description="Run rollouts on this OpenAI-compatible server ('openai:<base_url>#<model>', e.g. "
@@ -128,7 +134,9 @@ class RLConfig(_Strict):
     )
     imitation_batch: int = Field(64, gt=0, description="Curated sequences per RL step for the imitation update.")
     imitation_own: bool = Field(
-        True, description="Also imitate the policy's own successful, judged-safe rollouts (off: demonstrations only)."
+        False,
+        description="Also imitate the policy's own successful, judged-safe rollouts. Off by default: they soon "
+        "outnumber the demonstrations and are mostly what the policy already does well.",
     )
     objective: Literal["ppo", "decoupled", "opd"] = Field(
         "ppo",

@@ -273,7 +273,12 @@ class Factory:
             policy = ServedPolicy(endpoint, model, tokenizer, self.out / "published" / name, version=version)
         else:
             policy = LocalPolicy(
-                copy.deepcopy(model), chat, max_batch=cfg.rollout.max_batch, seed=cfg.seed, version=version
+                copy.deepcopy(model),
+                chat,
+                max_batch=cfg.rollout.max_batch,
+                seed=cfg.seed,
+                version=version,
+                prefix_cache_mb=cfg.rollout.prefix_cache_mb,
             )
         learner = Learner(
             name=name,
@@ -650,7 +655,9 @@ class Factory:
     async def _imitation_pool(self, learner: Learner) -> ImitationPool:
         """Curated experience to start RL's imitation update with: the run's successful expert
         demonstrations that the safety judge passes (a naive expert's unsafe ones stay out)."""
-        pool = ImitationPool(learner.policy.max_positions, self.config.sft.balance == "sequence")
+        pool = ImitationPool(
+            learner.policy.max_positions, self.config.sft.balance == "sequence", own=self.config.rl.imitation_own
+        )
         demos = await self._demos(learner, self.state.run_id)
         safe = [t for t in demos if not self.judge.judge(t).unsafe]
         pool.add_demos(self._demo_sequences(learner, safe))
@@ -762,7 +769,7 @@ class Factory:
                 lr = learner.trainer.lr()
                 imitation = pool.sample(imitation_rng, cfg.imitation_batch) if pool is not None else []
                 stats = await asyncio.to_thread(self._update, learner, spec, batch.sequences, imitation)
-                if pool is not None and cfg.imitation_own:  # this step's successful safe episodes join the pool
+                if pool is not None:  # this step's successful safe episodes join the pool (with rl.imitation_own)
                     safe = [t for t in trajs if t.success and not (verdicts.get(t.id) or self.judge.judge(t)).unsafe]
                     pool.add_rollouts(safe)
                 trained_version = learner.policy.version

@@ -54,7 +54,10 @@ def test_pool_keeps_what_fits_and_samples_without_repeats(policy, chat, arith_ta
     assert all(abs(sum(s.loss_mask) - 1.0) < 1e-9 for s in pool.sequences)  # each weighs the same
     runner = RolloutRunner(ArithEnv, policy, limits=EpisodeLimits(max_tokens_per_turn=12))
     own = [t for g in asyncio.run(runner.run_groups(arith_tasks.tasks("train", 2), 2, SamplingParams())) for t in g]
-    pool = ImitationPool(context=10_000, per_sequence=False)
+    pool = ImitationPool(context=10_000, per_sequence=False)  # demonstrations only, the default
+    pool.add_rollouts(own)
+    assert len(pool) == pool.own == 0
+    pool = ImitationPool(context=10_000, per_sequence=False, own=True)
     pool.add_rollouts(own)
     expected = [s.input_ids for t in own for s in rl_sequences(t)]
     assert pool.own == len(expected) and [s.input_ids for s in pool.sequences] == expected

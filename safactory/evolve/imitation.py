@@ -1,11 +1,16 @@
 """Curated experience for RL's imitation update.
 
 The pool holds training sequences of episodes that succeeded and that the safety judge
-passed: the expert demonstrations (read back from the store) and, as RL goes on, the
-policy's own such rollouts. After each policy-gradient update the loop takes one SFT
-update (`Trainer.imitate`, at `rl.imitation_lr`) on a uniform sample of the pool, so
-capability keeps being taught while the safety-shaped reward removes unsafe habits; the
-unsafe demonstrations a naive expert left never enter the pool.
+passed: the expert demonstrations (read back from the store) and, with `rl.imitation_own`,
+the policy's own such rollouts as RL goes on. After each policy-gradient update the loop
+takes one SFT update (`Trainer.imitate`, at `rl.imitation_lr`) on a uniform sample of the
+pool, so capability keeps being taught while the safety-shaped reward removes unsafe
+habits; the unsafe demonstrations a naive expert left never enter the pool.
+
+Own rollouts are off by default: in the demo they outnumbered the demonstrations two to
+one within 140 steps, mostly refusals and short mazes the policy already solved, and a
+uniform sample of such a pool taught less than one of the demonstrations alone (figures
+in docs/evolution.md).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from safactory.types import Trajectory
 class ImitationPool:
     """Sequences of successful, judged-safe episodes; sampled uniformly."""
 
-    def __init__(self, context: int, per_sequence: bool) -> None:
+    def __init__(self, context: int, per_sequence: bool, own: bool = False) -> None:
         self.context = context  # the model's positions: longer sequences are left out
         self.per_sequence = per_sequence  # weigh each sequence the same (SFT `balance: sequence`)
+        self.own_rollouts = own  # whether the policy's own rollouts are taken in (`rl.imitation_own`)
         self.sequences: list[TrainSequence] = []
         self.demos = 0
         self.own = 0
@@ -40,7 +46,9 @@ class ImitationPool:
         self.demos += self._add(seqs)
 
     def add_rollouts(self, trajs: Iterable[Trajectory]) -> None:
-        """The token-exact sequences of the policy's own successful, safe episodes."""
+        """The token-exact sequences of the policy's own successful, safe episodes (if own rollouts are taken)."""
+        if not self.own_rollouts:
+            return
         for traj in trajs:
             own = [TrainSequence(s.input_ids, s.loss_mask, trajectory_id=s.trajectory_id) for s in rl_sequences(traj)]
             self.own += self._add(own)
