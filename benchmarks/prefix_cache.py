@@ -47,8 +47,8 @@ async def rollouts(policy: LocalPolicy, env: str, episodes: int, limits: Episode
     elapsed = time.perf_counter() - start
     await policy.close()
     trajs = [t for g in groups for t in g]
-    errors = [t.error for t in trajs if t.termination.endswith("error")]
-    assert not errors, errors[:3]
+    broken = [t.error for t in trajs if t.termination == "env_error"]  # a context overflow is a policy_error: fine
+    assert not broken, broken[:3]
     return elapsed, sum(len(t.steps) for t in trajs)
 
 
