@@ -130,7 +130,8 @@ class RLConfig(_Strict):
         0.0,
         ge=0,
         description="Learning rate of an extra SFT update in each RL step on curated experience: successful "
-        "episodes the safety judge passed, from the expert demonstrations and the policy's own rollouts (0 = off).",
+        "episodes the safety judge passed: the expert demonstrations (and, with imitation_own, the policy's own "
+        "rollouts); 0 = off.",
     )
     imitation_batch: int = Field(64, gt=0, description="Curated sequences per RL step for the imitation update.")
     imitation_own: bool = Field(

@@ -769,7 +769,7 @@ class Factory:
                 lr = learner.trainer.lr()
                 imitation = pool.sample(imitation_rng, cfg.imitation_batch) if pool is not None else []
                 stats = await asyncio.to_thread(self._update, learner, spec, batch.sequences, imitation)
-                if pool is not None:  # this step's successful safe episodes join the pool (with rl.imitation_own)
+                if pool is not None and pool.own_rollouts:  # this step's successful safe episodes join the pool
                     safe = [t for t in trajs if t.success and not (verdicts.get(t.id) or self.judge.judge(t)).unsafe]
                     pool.add_rollouts(safe)
                 trained_version = learner.policy.version
