@@ -6,6 +6,7 @@ import copy
 import uuid
 
 import pytest
+import torch
 
 from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
@@ -14,6 +15,18 @@ from safactory.sim.envs.arith import ArithTasks
 from tests.pg_server import PostgresServer, find_bindir
 
 SMALL = TinyModelSpec(hidden_size=64, layers=2, heads=4, intermediate_size=128, max_positions=512)
+
+
+@pytest.fixture
+def sharp():
+    """The tiny model with its matrices re-drawn wider: greedy continuations differ per prompt, some end."""
+    model, tok = build_tiny(SMALL, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model, tok
 
 
 @pytest.fixture

@@ -19,24 +19,11 @@ from safactory.evolve.losses import token_logprobs
 from safactory.policy.base import Completion, PolicyError, SamplingParams
 from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
-from safactory.policy.models import build_tiny
 from safactory.policy.slots import KVSlots
 from safactory.types import Message
-from tests.conftest import SMALL
 
 PROMPTS = [[Message(role="user", content="Compute " + "12+3" * k + ".")] for k in range(1, 9)]
 LENGTHS = [40, 7, 23, 3, 31, 12, 17, 5]
-
-
-@pytest.fixture
-def sharp():
-    model, tok = build_tiny(SMALL, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model, tok
 
 
 def make_policy(sharp, **kwargs) -> LocalPolicy:

@@ -10,27 +10,9 @@ import pytest
 import torch
 
 from safactory.policy.base import SamplingParams
-from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
-from safactory.policy.models import build_tiny
 from safactory.policy.prefix_cache import PrefixCache
-from tests.conftest import SMALL
-from tests.test_continuous_batching import forward_logprobs
-
-
-@pytest.fixture
-def sharp():
-    model, tok = build_tiny(SMALL, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model, tok
-
-
-def make_policy(sharp, **kwargs) -> LocalPolicy:
-    return LocalPolicy(copy.deepcopy(sharp[0]), PlainTextChat(sharp[1]), seed=0, **kwargs)
+from tests.test_continuous_batching import forward_logprobs, make_policy
 
 
 async def conversation(policy: LocalPolicy, start: list[int], turns: int, sampling: SamplingParams, seed: int):
