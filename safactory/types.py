@@ -280,7 +280,8 @@ def encode_trajectory(traj: Trajectory, task_hash: str) -> EncodedTrajectory:
     free-form dicts (`info`, `arguments`, `parameters`, `provenance`, `tags`) in their own
     key order (the store keeps it, and it is content: a tool's parameter order, say), floats
     in shortest round-trip form, non-ASCII unescaped, non-finite floats as null except inside
-    `info` (NaN, Infinity, as stored). No JSON text holds a raw newline and the scalars give
+    `info` (NaN, Infinity, as stored), and the scalars' floats with -0.0 as 0.0 (SQLite stores
+    a REAL -0.0 as 0.0). No JSON text holds a raw newline and the scalars give
     every blob's length, so the encoding is unambiguous.
     """
     step_scalars: list[tuple[Any, ...]] = []
@@ -294,8 +295,10 @@ def encode_trajectory(traj: Trajectory, task_hash: str) -> EncodedTrajectory:
         info = to_json(step.info) if step.info else b"{}"
         chunks += (action, b"\n", observation, b"\n", info, b"\n")
         tr = step.trace
+        index, reward, error = step.index, step.reward, step.error
+        if reward is not None:
+            reward += 0.0  # -0.0 -> 0.0: SQLite reads a stored -0.0 back as 0.0
         if tr is None:
-            index, reward, error = step.index, step.reward, step.error
             step_scalars.append((index, reward, error, None))
             parts.append((index, reward, error, action, observation, info, None))
             continue
@@ -322,11 +325,10 @@ def encode_trajectory(traj: Trajectory, task_hash: str) -> EncodedTrajectory:
         version, versions, temperature, top_p, finish = (
             tr.policy_version,
             tr.policy_versions,
-            tr.temperature,
-            tr.top_p,
+            tr.temperature + 0.0,
+            tr.top_p + 0.0,
             tr.finish_reason,
         )
-        index, reward, error = step.index, step.reward, step.error
         counts = (prefix, n_suffix, n_completion, n_logprobs)
         step_scalars.append((index, reward, error, (version, versions, temperature, top_p, finish, *counts)))
         trace = (version, versions, temperature, top_p, finish, prefix, suffix_blob, completion_blob, logprobs_blob)
@@ -343,7 +345,7 @@ def encode_trajectory(traj: Trajectory, task_hash: str) -> EncodedTrajectory:
             traj.env_id,
             traj.env_version,
             traj.seed,
-            traj.reward,
+            traj.reward + 0.0,
             traj.success,
             traj.termination,
             traj.error,

@@ -112,6 +112,18 @@ def test_duplicates_same_task_same_actions() -> None:
     assert curate([[a, a_again]], duplicates(whole_group=True))[0] == []
 
 
+def test_duplicates_whole_group_forgets_dropped_groups() -> None:
+    """Episodes of a group dropped as a whole were never kept, so they do not make later ones repeats."""
+    z, z_again = episode("p", ["z()"], group="g1"), episode("p", ["z()"], group="g2")
+    x, x_again, w = (
+        episode("p", ["x()"], group="g2"),
+        episode("p", ["x()"], group="g3"),
+        episode("p", ["w()"], group="g3"),
+    )
+    kept, report = curate([[z], [x, z_again], [x_again, w]], duplicates(whole_group=True))
+    assert kept == [[z], [x_again, w]] and report.dropped("duplicates") == 2
+
+
 def test_length_by_steps_and_tokens() -> None:
     short = episode("p", ["a()"])
     long = episode("p", ["a()", "b()", "c()", "d()"])

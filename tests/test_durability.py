@@ -85,3 +85,26 @@ def test_a_failed_commit_fails_only_its_own_puts(tmp_path):
 
     asyncio.run(go())
     assert store.count(run_id="w") == 3
+
+
+def test_a_refused_put_does_not_take_its_batch_down_with_it(tmp_path):
+    """Puts that share one commit: the store refuses one (NaN reward); the others are still stored."""
+    import random
+
+    store = TrajectoryStore.in_dir(tmp_path)
+    store.create_run("w", {})
+    rng = random.Random(2)
+    first, second = [synthetic("w", rng) for _ in range(3)], [synthetic("w", rng) for _ in range(2)]
+    bad = synthetic("w", rng)
+    bad.reward = float("nan")
+
+    async def go():
+        writer = StoreWriter(store)
+        results = await asyncio.gather(writer.put(first), writer.put([bad]), writer.put(second), return_exceptions=True)
+        await writer.close()
+        return results, writer
+
+    (ok1, refused, ok2), writer = asyncio.run(go())
+    assert ok1 is None and ok2 is None and isinstance(refused, ValueError) and "reward" in str(refused)
+    assert {t.id for t in store.query(run_id="w")} == {t.id for t in first + second}
+    assert writer.committed == 5 and verify(store).ok

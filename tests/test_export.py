@@ -2,18 +2,27 @@
 
 import asyncio
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
 
 from safactory.cli import app
-from safactory.data.export import export, import_trajectories
+from safactory.data.export import export, import_trajectories, read_trajectories
 from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.envs.arith import ArithEnv, ArithExpert
 from safactory.sim.runner import RolloutRunner
+from safactory.types import Message, Step, Task, Trajectory
+
+
+def small(i: int = 0, **fields: object) -> Trajectory:
+    """A one-step episode built by hand (no model needed)."""
+    step = Step(index=0, action=Message(role="assistant", content=f"answer {i}"), reward=1.0)
+    task = Task(id=f"t{i}", env_id="toy", split="train", prompt="p")
+    return Trajectory(run_id="r", task=task, env_id="toy", steps=[step], **fields)
 
 
 @pytest.fixture
@@ -55,6 +64,52 @@ def test_import_refuses_a_tampered_export(source, tmp_path):
     target = TrajectoryStore(f"sqlite:///{tmp_path / 'dst.db'}")
     with pytest.raises(ValueError, match="content hash"):
         import_trajectories(target, path)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_round_trip_keeps_nan_and_infinities(tmp_path, fmt: str) -> None:
+    """Non-finite floats in free-form dicts are written as such, so the hash still matches on import."""
+    source = TrajectoryStore(f"sqlite:///{tmp_path / 'src.db'}")
+    source.create_run("r", {})
+    traj = small()
+    traj.steps[0].info = {"loss": float("nan"), "hi": float("inf"), "lo": float("-inf")}
+    source.add([traj])
+    path = tmp_path / f"out.{fmt}"
+    export(source.query(), fmt, path)
+    target = TrajectoryStore(f"sqlite:///{tmp_path / 'dst.db'}")
+    assert import_trajectories(target, path) == 1
+    info = target.query()[0].steps[0].info
+    assert math.isnan(info["loss"]) and info["hi"] == math.inf and info["lo"] == -math.inf
+    assert verify(target).ok
+    source.close()
+    target.close()
+
+
+def test_parquet_column_null_in_the_first_batch(tmp_path) -> None:
+    """A column all null in the first 1000 rows still takes the strings of later rows."""
+    trajs = [small(i) for i in range(1001)]
+    trajs[-1].error = "env crashed"
+    path = tmp_path / "out.parquet"
+    assert export(trajs, "parquet", path) == 1001
+    back = list(read_trajectories(path))
+    assert [t.error for t in back[-2:]] == [None, "env crashed"]
+
+
+def test_import_refuses_a_record_without_hash(source, tmp_path) -> None:
+    """Blanking the hash of an edited record does not get it past the import check."""
+    path = tmp_path / "out.jsonl"
+    export(source.query(), "jsonl", path)
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[1])
+    record["reward"] = 42.0
+    record["content_hash"] = ""
+    lines[1] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+    target = TrajectoryStore(f"sqlite:///{tmp_path / 'dst.db'}")
+    with pytest.raises(ValueError, match=f"out.jsonl:2: trajectory {record['id']} has no content hash"):
+        import_trajectories(target, path)
+    assert record["id"] not in {t.id for t in target.query()}
+    target.close()
 
 
 def test_trl_export_loads_with_datasets(source, tmp_path):

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from safactory.cli import app
 from safactory.data.integrity import verify, weights_hash
-from safactory.data.store import TrajectoryStore
+from safactory.data.store import CorruptRecordError, TrajectoryStore
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.envs.arith import ArithEnv
@@ -96,3 +96,47 @@ def test_weights_hash_sees_every_parameter(tiny):
     assert weights_hash(state) == before
     next(iter(state.values())).view(-1)[0] += 1e-3
     assert weights_hash(state) != before
+
+
+def test_a_store_being_written_to_verifies(filled):
+    """Trajectories committed while the chain is walked belong to a later head, not to a broken chain."""
+    store, trajs, _ = filled
+    more = [t.model_copy(update={"id": f"late-{i}", "content_hash": "", "prev_hash": ""}) for i, t in enumerate(trajs)]
+    added: list[int] = []
+
+    def write_meanwhile(_: int) -> None:
+        if not added:
+            added.append(store.add(more[:2]))
+
+    report = verify(store, progress=write_meanwhile)
+    assert added == [2] and report.ok, report.problems
+    assert report.checked == len(trajs)
+    assert verify(store).ok and verify(store).checked == len(trajs) + 2
+
+
+def test_unreadable_rows_and_orphaned_runs_are_reported(filled):
+    store, trajs, _ = filled
+    store.create_run("r2", {})
+    store.add(
+        [t.model_copy(update={"id": "other", "run_id": "r2", "content_hash": "", "prev_hash": ""}) for t in trajs[:1]]
+    )
+    run_sql(store, "UPDATE trajectories SET meta = '{not json' WHERE id = :i", i=trajs[1].id)
+    report = verify(store)  # the damaged run is reported and the next run is still checked
+    assert len(report.problems) == 1 and trajs[1].id in report.problems[0] and "read" in report.problems[0]
+    assert report.runs == 2 and report.checked >= 1  # r2's trajectory
+    with pytest.raises(CorruptRecordError, match=trajs[1].id):
+        store.get([trajs[1].id])
+    run_sql(store, "DELETE FROM runs WHERE id = 'r2'")
+    report = verify(store)
+    assert any("r2" in p and "no recorded run" in p for p in report.problems), report.problems
+
+
+def test_negative_zero_survives_the_round_trip(filled):
+    """SQLite reads a stored REAL -0.0 back as 0.0; the hash must not depend on the sign of zero."""
+    store, trajs, _ = filled
+    traj = trajs[0].model_copy(update={"id": "neg-zero", "content_hash": "", "prev_hash": ""}, deep=True)
+    traj.reward = -0.0
+    traj.steps[0].reward = -0.0
+    store.add([traj])
+    assert store.get(["neg-zero"])[0].steps[0].reward == 0.0
+    assert verify(store).ok

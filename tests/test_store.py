@@ -1,4 +1,5 @@
 import asyncio
+import json
 
 import pytest
 from sqlalchemy import text
@@ -113,3 +114,22 @@ def test_unknown_ids_and_schema_mismatch_are_clear_errors(store):
         conn.execute(text("UPDATE safactory_meta SET value = '999' WHERE key = 'schema_version'"))
     with pytest.raises(RuntimeError, match="schema"):
         TrajectoryStore(store.url)
+
+
+def test_creating_a_run_twice_keeps_the_first_and_free_text_has_no_length_limit(store, trajs):
+    store.create_run("twice", {"a": 1})
+    store.create_run("twice", {"a": 2})  # e.g. two processes starting the same run
+    assert json.loads(store.run_info("twice")["config"]) == {"a": 1}
+    long = trajs[0].model_copy(
+        update={"id": "long", "run_id": "twice", "env_id": "mcp:" + "x" * 300, "env_version": "v" * 80}
+    )
+    store.add([long])
+    back = store.get(["long"])[0]
+    assert back.env_id == long.env_id and back.env_version == long.env_version
+
+
+def test_a_non_finite_reward_is_refused_with_its_trajectory_named(store, trajs):
+    bad = trajs[0].model_copy(update={"id": "nan-reward", "reward": float("nan")})
+    with pytest.raises(ValueError, match="nan-reward"):
+        store.add([bad, trajs[1]])
+    assert store.count() == 0

@@ -166,19 +166,31 @@ def equal_rewards(tolerance: float = 0.0) -> Filter:
 
 
 def duplicates(seen: set[str] | None = None, whole_group: bool = False) -> Filter:
-    """Drop episodes whose task and actions repeat an earlier one's (the first is kept)."""
+    """Drop episodes whose task and actions repeat an earlier kept one's (the first is kept).
+
+    With `whole_group=True` a group goes if any member repeats, and a dropped group's episodes
+    are not remembered as seen.
+    """
 
     def apply(groups: list[Group]) -> list[Group]:
         local = seen if seen is not None else set()
+        if not whole_group:
 
-        def fresh(traj: Trajectory) -> bool:
-            key = action_key(traj)
-            if key in local:
-                return False
-            local.add(key)
-            return True
+            def fresh(traj: Trajectory) -> bool:
+                key = action_key(traj)
+                if key in local:
+                    return False
+                local.add(key)
+                return True
 
-        return per_trajectory(fresh, whole_group)(groups)
+            return per_trajectory(fresh)(groups)
+        out: list[Group] = []
+        for group in groups:  # a dropped group's episodes were never kept, so they mark nothing as seen
+            keys = [action_key(t) for t in group]
+            if group and len(set(keys)) == len(keys) and local.isdisjoint(keys):
+                local.update(keys)
+                out.append(list(group))
+        return out
 
     return _named(apply, "duplicates")
 

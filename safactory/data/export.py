@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import to_json
+
 from safactory.data.experience import rl_sequences
 from safactory.data.store import TrajectoryStore
 from safactory.types import Message, ToolSpec, Trajectory
@@ -77,11 +79,35 @@ def rl_rows(traj: Trajectory) -> Iterator[dict[str, Any]]:
 _NESTED = ("task", "prompt", "tools", "steps", "tags", "provenance")
 
 
+def _record_json(traj: Trajectory) -> str:
+    """The whole record as JSON, NaN and infinities written as the constants `json.loads` reads back.
+
+    `model_dump(mode="json")` would write them as null, and the record would no longer match its hash.
+    """
+    return to_json(traj.model_dump(), inf_nan_mode="constants").decode()
+
+
 def _flat(traj: Trajectory) -> dict[str, Any]:
-    row = traj.model_dump(mode="json")
+    row = traj.model_dump()
     for key in _NESTED:
-        row[key] = json.dumps(row[key], separators=(",", ":"))
+        row[key] = to_json(row[key], inf_nan_mode="constants").decode()
     return row
+
+
+def _parquet_schema() -> Any:
+    """The Parquet columns, fixed from the model (inferred types break on a column that starts all null)."""
+    import pyarrow as pa
+
+    scalar = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string(), str | None: pa.string()}
+    columns = []
+    for name, field in Trajectory.model_fields.items():
+        if name in _NESTED:
+            columns.append(pa.field(name, pa.string()))
+        elif field.annotation in scalar:
+            columns.append(pa.field(name, scalar[field.annotation]))
+        else:
+            raise TypeError(f"no Parquet column type for Trajectory.{name}: {field.annotation}")
+    return pa.schema(columns)
 
 
 def _unflat(row: dict[str, Any]) -> Trajectory:
@@ -104,13 +130,13 @@ def export(
     with path.open("w", encoding="utf-8") as f:
         for traj in trajectories:
             if fmt == "jsonl":
-                records: Iterable[dict[str, Any]] = [traj.model_dump(mode="json")]
+                lines: Iterable[str] = [_record_json(traj)]
             elif fmt == "trl":
-                records = [trl_row(traj)]
+                lines = [json.dumps(trl_row(traj), separators=(",", ":"), ensure_ascii=False)]
             else:
-                records = rl_rows(traj)
-            for record in records:
-                f.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+                lines = (json.dumps(r, separators=(",", ":"), ensure_ascii=False) for r in rl_rows(traj))
+            for line in lines:
+                f.write(line + "\n")
                 rows += 1
             if progress is not None:
                 progress(1)
@@ -123,16 +149,16 @@ def _export_parquet(trajectories: Iterable[Trajectory], path: Path, progress: Ca
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise RuntimeError("Parquet export needs pyarrow: pip install 'safactory[export]'") from exc
+    schema = _parquet_schema()
     writer = None
     rows = 0
     batch: list[dict[str, Any]] = []
 
     def flush() -> None:
         nonlocal writer
-        table = pa.Table.from_pylist(batch)
         if writer is None:
-            writer = pq.ParquetWriter(path, table.schema)
-        writer.write_table(table.cast(writer.schema))
+            writer = pq.ParquetWriter(path, schema)
+        writer.write_table(pa.Table.from_pylist(batch, schema=schema))
         batch.clear()
 
     for traj in trajectories:
@@ -151,20 +177,29 @@ def _export_parquet(trajectories: Iterable[Trajectory], path: Path, progress: Ca
 
 def read_trajectories(path: Path) -> Iterator[Trajectory]:
     """Trajectories from a `jsonl` or `parquet` export."""
+    for _, traj in _read_records(path):
+        yield traj
+
+
+def _read_records(path: Path) -> Iterator[tuple[str, Trajectory]]:
+    """Each trajectory of an export with where it was read: `path:line` (jsonl) or `path:row` (parquet)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        n = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
             for row in batch.to_pylist():
-                yield _unflat(row)
+                n += 1
+                yield f"{path}:row {n}", _unflat(row)
         return
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield Trajectory.model_validate_json(line)
+                    traj = Trajectory.model_validate_json(line)
                 except ValueError as exc:
                     raise ValueError(f"{path}:{n}: not a trajectory record ({exc})") from exc
+                yield f"{path}:{n}", traj
 
 
 def import_trajectories(
@@ -173,7 +208,8 @@ def import_trajectories(
     """Load an export into `store` (creating runs as needed); every content hash must still match.
 
     Returns how many trajectories were new. Import stops at the first record that fails
-    its hash; batches before it are stored, and re-importing is idempotent.
+    its hash or has none (an empty `content_hash` would let an edited record through);
+    batches before it are stored, and re-importing is idempotent.
     """
     known_runs = set(store.run_ids())
     added = 0
@@ -189,9 +225,11 @@ def import_trajectories(
             progress(len(batch))
         batch.clear()
 
-    for traj in read_trajectories(path):
-        if traj.content_hash and traj.compute_hash() != traj.content_hash:
-            raise ValueError(f"trajectory {traj.id} in {path} does not match its content hash; refusing to import it")
+    for where, traj in _read_records(path):
+        if not traj.content_hash:
+            raise ValueError(f"{where}: trajectory {traj.id} has no content hash; refusing to import it")
+        if traj.compute_hash() != traj.content_hash:
+            raise ValueError(f"{where}: trajectory {traj.id} does not match its content hash; refusing to import it")
         batch.append(traj)
         if len(batch) >= batch_size:
             flush()

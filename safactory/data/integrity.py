@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safactory.data.store import TrajectoryStore
+from safactory.data.store import CorruptRecordError, TrajectoryStore
 
 if TYPE_CHECKING:
     import torch
@@ -35,40 +35,53 @@ class VerifyReport:
 
 
 def verify(store: TrajectoryStore, progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Check every run's hash chain; stops at the first problem of each run."""
+    """Check every run's hash chain (stopping at the first problem of each run), and that
+    every stored trajectory belongs to a recorded run. A store that is being written to
+    meanwhile verifies too: each run is checked up to the head it had when its check began."""
     report = VerifyReport()
-    for run_id in store.run_ids():
+    recorded = store.run_ids()
+    for run_id in recorded:
         report.runs += 1
-        expected_prev = ""
-        n = 0
-        problem = None
-        for traj in store.iter(run_id=run_id):
+        problem = _verify_run(store, run_id, report, progress)
+        if problem:
+            report.problems.append(problem)
+    for run_id in sorted(set(store.trajectory_run_ids()) - set(recorded)):
+        n = store.count(run_id=run_id)
+        report.problems.append(
+            f"run {run_id}: {n} stored trajectories belong to no recorded run (its record was deleted)"
+        )
+    return report
+
+
+def _verify_run(
+    store: TrajectoryStore, run_id: str, report: VerifyReport, progress: Callable[[int], None] | None
+) -> str | None:
+    """The first problem in one run's chain, or None."""
+    head = store.run_info(run_id)  # read first: what is committed while the chain is walked comes after it
+    expected_prev = ""
+    n = 0
+    try:
+        for traj in store.iter(run_id=run_id, limit=head["n_trajectories"]):
             n += 1
             report.checked += 1
             if progress is not None:
                 progress(1)
             if traj.compute_hash() != traj.content_hash:
-                problem = (
-                    f"run {run_id}: trajectory {traj.id} (#{n}) was modified: its content no longer matches its hash"
-                )
-            elif traj.prev_hash != expected_prev:
-                problem = (
+                return f"run {run_id}: trajectory {traj.id} (#{n}) was modified: its content no longer matches its hash"
+            if traj.prev_hash != expected_prev:
+                return (
                     f"run {run_id}: trajectory {traj.id} (#{n}) does not follow its stored predecessor: "
                     f"the trajectory with hash {traj.prev_hash[:12] or '(none)'} before it was deleted or moved"
                 )
-            if problem:
-                break
             expected_prev = traj.content_hash
-        if problem is None:
-            head = store.run_info(run_id)
-            if head["n_trajectories"] != n or head["head_hash"] != expected_prev:
-                problem = (
-                    f"run {run_id}: the chain holds {n} trajectories but the run recorded {head['n_trajectories']} "
-                    f"ending in hash {head['head_hash'][:12]}: trajectories at its end were deleted or replaced"
-                )
-        if problem:
-            report.problems.append(problem)
-    return report
+    except CorruptRecordError as exc:
+        return f"run {run_id}: a stored trajectory was modified so that it can no longer be read: {exc}"
+    if head["n_trajectories"] != n or head["head_hash"] != expected_prev:
+        return (
+            f"run {run_id}: the chain holds {n} trajectories but the run recorded {head['n_trajectories']} "
+            f"ending in hash {head['head_hash'][:12]}: trajectories at its end were deleted or replaced"
+        )
+    return None
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

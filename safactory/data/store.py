@@ -27,6 +27,7 @@ of a trajectory is serialised once, by pydantic-core.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -54,7 +55,10 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from safactory.types import (
     SCHEMA_VERSION,
@@ -72,16 +76,16 @@ if TYPE_CHECKING:
 
 metadata = MetaData()
 
-meta_table = Table("safactory_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
+meta_table = Table("safactory_meta", metadata, Column("key", Text, primary_key=True), Column("value", Text))
 
 runs = Table(
     "runs",
     metadata,
-    Column("id", String(128), primary_key=True),
+    Column("id", Text, primary_key=True),
     Column("created_at", Float, nullable=False),
     Column("config", Text, nullable=False),
     Column("config_hash", String(64), nullable=False),
-    Column("code_version", String(64), nullable=False),
+    Column("code_version", Text, nullable=False),
     Column("n_trajectories", Integer, nullable=False),
     Column("head_hash", String(64), nullable=False),
 )
@@ -90,9 +94,9 @@ tasks = Table(
     "tasks",
     metadata,
     Column("hash", String(64), primary_key=True),
-    Column("task_id", String(256), nullable=False),
-    Column("env_id", String(256), nullable=False),
-    Column("split", String(32), nullable=False),
+    Column("task_id", Text, nullable=False),
+    Column("env_id", Text, nullable=False),
+    Column("split", Text, nullable=False),
     Column("body", Text, nullable=False),
 )
 
@@ -100,21 +104,21 @@ trajectories = Table(
     "trajectories",
     metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("id", String(36), unique=True, nullable=False),
-    Column("run_id", String(128), nullable=False),
-    Column("kind", String(32), nullable=False),
-    Column("group_id", String(36), nullable=False, index=True),
+    Column("id", Text, unique=True, nullable=False),
+    Column("run_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("group_id", Text, nullable=False, index=True),
     Column("task_hash", String(64), nullable=False, index=True),
-    Column("task_id", String(256), nullable=False),
-    Column("split", String(32), nullable=False),
-    Column("env_id", String(256), nullable=False),
-    Column("env_version", String(32), nullable=False),
+    Column("task_id", Text, nullable=False),
+    Column("split", Text, nullable=False),
+    Column("env_id", Text, nullable=False),
+    Column("env_version", Text, nullable=False),
     Column("seed", BigInteger, nullable=False),
     Column("policy_version", Integer, nullable=True),
     Column("n_steps", Integer, nullable=False),
     Column("reward", Float, nullable=False),
     Column("success", Boolean, nullable=False),
-    Column("termination", String(64), nullable=False),
+    Column("termination", Text, nullable=False),
     Column("error", Text, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("content_hash", String(64), nullable=False),
@@ -126,7 +130,7 @@ trajectories = Table(
 steps = Table(
     "steps",
     metadata,
-    Column("trajectory_id", String(36), primary_key=True),
+    Column("trajectory_id", Text, primary_key=True),
     Column("idx", Integer, primary_key=True),
     Column("action", Text, nullable=False),
     Column("observation", Text, nullable=False),
@@ -138,13 +142,13 @@ steps = Table(
 token_traces = Table(
     "token_traces",
     metadata,
-    Column("trajectory_id", String(36), primary_key=True),
+    Column("trajectory_id", Text, primary_key=True),
     Column("turn", Integer, primary_key=True),
     Column("policy_version", Integer, nullable=False),
     Column("policy_versions", Text, nullable=False),
     Column("temperature", Float, nullable=False),
     Column("top_p", Float, nullable=False),
-    Column("finish_reason", String(32), nullable=False),
+    Column("finish_reason", Text, nullable=False),
     Column("prefix_len", Integer, nullable=False),
     Column("prompt_suffix", LargeBinary, nullable=False),
     Column("completion_ids", LargeBinary, nullable=False),
@@ -154,8 +158,8 @@ token_traces = Table(
 consumption = Table(
     "consumption",
     metadata,
-    Column("consumer", String(128), primary_key=True),
-    Column("trajectory_id", String(36), primary_key=True),
+    Column("consumer", Text, primary_key=True),
+    Column("trajectory_id", Text, primary_key=True),
     Column("train_step", Integer, nullable=False),
     Column("consumed_at", Float, nullable=False),
     Index("ix_consumption_step", "consumer", "train_step"),
@@ -164,7 +168,7 @@ consumption = Table(
 checkpoints = Table(
     "checkpoints",
     metadata,
-    Column("run_id", String(128), primary_key=True),
+    Column("run_id", Text, primary_key=True),
     Column("version", Integer, primary_key=True),
     Column("parent_version", Integer, nullable=True),
     Column("train_step", Integer, nullable=False),
@@ -178,9 +182,9 @@ scores = Table(
     "scores",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("trajectory_id", String(36), nullable=False, index=True),
-    Column("judge", String(128), nullable=False),
-    Column("name", String(128), nullable=False),
+    Column("trajectory_id", Text, nullable=False, index=True),
+    Column("judge", Text, nullable=False),
+    Column("name", Text, nullable=False),
     Column("value", Float, nullable=False),
     Column("meta", Text, nullable=False),
     Column("created_at", Float, nullable=False),
@@ -190,9 +194,9 @@ safety_verdicts = Table(
     "safety_verdicts",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("trajectory_id", String(36), nullable=False, index=True),
-    Column("judge", String(128), nullable=False),
-    Column("judge_version", String(64), nullable=False),
+    Column("trajectory_id", Text, nullable=False, index=True),
+    Column("judge", Text, nullable=False),
+    Column("judge_version", Text, nullable=False),
     Column("unsafe", Boolean, nullable=False),
     Column("severity", Float, nullable=False),
     Column("reasons", Text, nullable=False),
@@ -204,7 +208,7 @@ gate_decisions = Table(
     "gate_decisions",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("run_id", String(128), nullable=False, index=True),
+    Column("run_id", Text, nullable=False, index=True),
     Column("candidate_version", Integer, nullable=False),
     Column("baseline_version", Integer, nullable=False),
     Column("accepted", Boolean, nullable=False),
@@ -213,6 +217,7 @@ gate_decisions = Table(
     Column("created_at", Float, nullable=False),
 )
 
+_OPEN_ATTEMPTS = 5  # tries at setting up the schema when other processes open the same new store
 _UPGRADABLE = {3}  # store schemas opened as they are and marked as SCHEMA_VERSION
 
 TASK_COLUMNS = ("hash", "task_id", "env_id", "split", "body")
@@ -343,7 +348,7 @@ def _rows(
             traj.seed,
             policy_version,
             len(traj.steps),
-            traj.reward,
+            traj.reward + 0.0,
             traj.success,
             traj.termination,
             traj.error,
@@ -368,15 +373,27 @@ class TrajectoryStore:
         self.engine: Engine = create_engine(url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
-        self._check_schema()
+        for attempt in range(1, _OPEN_ATTEMPTS + 1):
+            try:
+                self._set_up_schema()
+                break
+            except DBAPIError:  # another process created the same tables or meta row at the same moment
+                if attempt == _OPEN_ATTEMPTS:
+                    raise
+                time.sleep(0.05 * attempt)
 
     @classmethod
     def in_dir(cls, directory: str | Path) -> TrajectoryStore:
         return cls(f"sqlite:///{Path(directory).resolve() / 'store.db'}")
 
-    def _check_schema(self) -> None:
+    def _set_up_schema(self) -> None:
+        """Create missing tables, widen old length-limited text columns, check the schema version."""
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # one opener at a time sets up the schema
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('safactory.store.schema'))")
+            metadata.create_all(conn)
+            if conn.dialect.name == "postgresql":
+                _widen_text_columns(conn)
             row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
             if row is None:
                 conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
@@ -396,24 +413,28 @@ class TrajectoryStore:
 
     # ---- runs -------------------------------------------------------------------------
     def create_run(self, run_id: str, config: dict[str, Any], code_version: str = "") -> None:
+        """Record a run; a run that already exists is left as it is (also when two processes race)."""
         text = canonical_json(config)
+        row = {
+            "id": run_id,
+            "created_at": time.time(),
+            "config": text,
+            "config_hash": sha256_hex(text),
+            "code_version": code_version,
+            "n_trajectories": 0,
+            "head_hash": "",
+        }
         with self.engine.begin() as conn:
-            if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
-                conn.execute(
-                    runs.insert().values(
-                        id=run_id,
-                        created_at=time.time(),
-                        config=text,
-                        config_hash=sha256_hex(text),
-                        code_version=code_version,
-                        n_trajectories=0,
-                        head_hash="",
-                    )
-                )
+            conn.execute(_insert_new(conn, runs).values(**row))
 
     def run_ids(self) -> list[str]:
         with self.engine.connect() as conn:
             return list(conn.execute(select(runs.c.id).order_by(runs.c.created_at)).scalars())
+
+    def trajectory_run_ids(self) -> list[str]:
+        """The distinct run ids of the stored trajectories (recorded runs or not)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(trajectories.c.run_id).distinct()).scalars())
 
     def run_info(self, run_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -429,6 +450,9 @@ class TrajectoryStore:
         batch = list(items)
         if not batch:
             return 0
+        for traj in batch:
+            if not math.isfinite(traj.reward):
+                raise ValueError(f"trajectory {traj.id} has a non-finite reward ({traj.reward}); nothing was stored")
         if self.redactor is not None:
             batch = [self.redactor.redact_trajectory(t) for t in batch]
         with self.engine.begin() as conn:
@@ -465,8 +489,11 @@ class TrajectoryStore:
 
     @staticmethod
     def _insert_tasks(conn: Connection, rows: dict[str, tuple[Any, ...]]) -> None:
+        """Insert the tasks not stored yet; one that another writer inserts meanwhile is skipped."""
         known = {r[0] for r in _select_in(conn, tasks, ("hash",), "hash", list(rows))}
-        _bulk_insert(conn, tasks, TASK_COLUMNS, [r for h, r in rows.items() if h not in known])
+        fresh = [r for h, r in rows.items() if h not in known]
+        if fresh:
+            conn.execute(_insert_new(conn, tasks), [dict(zip(TASK_COLUMNS, r, strict=True)) for r in fresh])
 
     @staticmethod
     def _heads(conn: Connection, run_ids: set[str]) -> dict[str, tuple[int, str]]:
@@ -560,27 +587,8 @@ class TrajectoryStore:
             rows = conn.execute(stmt).mappings().all()
             out: list[tuple[int, Trajectory]] = []
             for r in rows:
-                meta = json.loads(r["meta"])
-                traj = Trajectory.model_validate(
-                    {
-                        **meta,
-                        "id": r["id"],
-                        "run_id": r["run_id"],
-                        "group_id": r["group_id"],
-                        "kind": r["kind"],
-                        "task": json.loads(r["task_body"]),
-                        "task_hash": r["task_hash"],
-                        "env_id": r["env_id"],
-                        "env_version": r["env_version"],
-                        "seed": r["seed"],
-                        "reward": r["reward"],
-                        "success": r["success"],
-                        "termination": r["termination"],
-                        "error": r["error"],
-                        "content_hash": r["content_hash"],
-                        "prev_hash": r["prev_hash"],
-                    }
-                )
+                with _reading(r["id"]):
+                    traj = _trajectory(r)
                 out.append((r["seq"], traj))
             by_id = {t.id: t for _, t in out}
             if by_id:
@@ -594,8 +602,8 @@ class TrajectoryStore:
             select(steps).where(steps.c.trajectory_id.in_(ids)).order_by(steps.c.trajectory_id, steps.c.idx)
         ).mappings()
         for r in step_rows:
-            by_id[r["trajectory_id"]].steps.append(
-                Step(
+            with _reading(r["trajectory_id"], f"step {r['idx']}"):
+                step = Step(
                     index=r["idx"],
                     action=json.loads(r["action"]),
                     observation=json.loads(r["observation"]),
@@ -603,7 +611,7 @@ class TrajectoryStore:
                     info=json.loads(r["info"]),
                     error=r["error"],
                 )
-            )
+            by_id[r["trajectory_id"]].steps.append(step)
         trace_rows = conn.execute(
             select(token_traces)
             .where(token_traces.c.trajectory_id.in_(ids))
@@ -612,23 +620,24 @@ class TrajectoryStore:
         previous: dict[str, list[int]] = {}
         for r in trace_rows:
             tid = r["trajectory_id"]
-            prev = previous.get(tid, [])
-            prompt = prev[: r["prefix_len"]] + _blob_ids(r["prompt_suffix"])
-            completion = _blob_ids(r["completion_ids"])
-            previous[tid] = prompt + completion
-            step_list = by_id[tid].steps
-            if not 0 <= r["turn"] < len(step_list) or step_list[r["turn"]].index != r["turn"]:
-                continue  # a trace without its step; integrity verification reports the mismatch
-            step_list[r["turn"]].trace = TokenTrace(
-                prompt_ids=prompt,
-                completion_ids=completion,
-                logprobs=None if r["logprobs"] is None else np.frombuffer(r["logprobs"], dtype="<f4").tolist(),
-                policy_version=r["policy_version"],
-                policy_versions=json.loads(r["policy_versions"]),
-                temperature=r["temperature"],
-                top_p=r["top_p"],
-                finish_reason=r["finish_reason"],
-            )
+            with _reading(tid, f"token trace {r['turn']}"):
+                prev = previous.get(tid, [])
+                prompt = prev[: r["prefix_len"]] + _blob_ids(r["prompt_suffix"])
+                completion = _blob_ids(r["completion_ids"])
+                previous[tid] = prompt + completion
+                step_list = by_id[tid].steps
+                if not 0 <= r["turn"] < len(step_list) or step_list[r["turn"]].index != r["turn"]:
+                    continue  # a trace without its step; integrity verification reports the mismatch
+                step_list[r["turn"]].trace = TokenTrace(
+                    prompt_ids=prompt,
+                    completion_ids=completion,
+                    logprobs=None if r["logprobs"] is None else np.frombuffer(r["logprobs"], dtype="<f4").tolist(),
+                    policy_version=r["policy_version"],
+                    policy_versions=json.loads(r["policy_versions"]),
+                    temperature=r["temperature"],
+                    top_p=r["top_p"],
+                    finish_reason=r["finish_reason"],
+                )
 
     # ---- consumption and lineage -------------------------------------------------------
     def mark_consumed(self, ids: list[str], step: int, consumer: str) -> None:
@@ -815,6 +824,47 @@ class TrajectoryStore:
 # and per-value processing would cost about as much as the database work.
 
 
+class CorruptRecordError(ValueError):
+    """A stored row that cannot be read back as a trajectory (edited or damaged in the database)."""
+
+    def __init__(self, trajectory_id: str, detail: str) -> None:
+        super().__init__(f"trajectory {trajectory_id}: {detail}")
+        self.trajectory_id = trajectory_id
+
+
+@contextmanager
+def _reading(trajectory_id: str, part: str = "row") -> Iterator[None]:
+    """Turn a row that does not decode or validate into a CorruptRecordError naming its trajectory."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError and ValidationError are ValueErrors
+        raise CorruptRecordError(trajectory_id, f"stored {part} cannot be read: {exc}") from exc
+
+
+def _trajectory(r: Any) -> Trajectory:
+    """A trajectory (without its steps) from its row joined with its task's body."""
+    return Trajectory.model_validate(
+        {
+            **json.loads(r["meta"]),
+            "id": r["id"],
+            "run_id": r["run_id"],
+            "group_id": r["group_id"],
+            "kind": r["kind"],
+            "task": json.loads(r["task_body"]),
+            "task_hash": r["task_hash"],
+            "env_id": r["env_id"],
+            "env_version": r["env_version"],
+            "seed": r["seed"],
+            "reward": r["reward"],
+            "success": r["success"],
+            "termination": r["termination"],
+            "error": r["error"],
+            "content_hash": r["content_hash"],
+            "prev_hash": r["prev_hash"],
+        }
+    )
+
+
 @contextmanager
 def _cursor(conn: Connection) -> Iterator[Any]:
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -831,6 +881,28 @@ def _mark(conn: Connection) -> str:
 def _name(conn: Connection, table: Table, column: str | None = None) -> str:
     preparer = conn.dialect.identifier_preparer
     return preparer.format_table(table) if column is None else preparer.quote(column)
+
+
+def _insert_new(conn: Connection, table: Table) -> Any:
+    """INSERT into `table` that skips rows whose primary key is already there (ON CONFLICT DO NOTHING)."""
+    insert = postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    return insert(table).on_conflict_do_nothing()
+
+
+def _widen_text_columns(conn: Connection) -> None:
+    """PostgreSQL stores made before free-text columns were TEXT: widen their VARCHAR(n) columns
+    (a change of the column's type only; PostgreSQL rewrites neither rows nor indexes)."""
+    rows = conn.exec_driver_sql(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND data_type = 'character varying'"
+    ).all()
+    for table_name, column_name in rows:
+        table = metadata.tables.get(table_name)
+        if table is not None and column_name in table.c and isinstance(table.c[column_name].type, Text):
+            preparer = conn.dialect.identifier_preparer
+            conn.exec_driver_sql(
+                f"ALTER TABLE {preparer.quote(table_name)} ALTER COLUMN {preparer.quote(column_name)} TYPE TEXT"
+            )
 
 
 def _lock_runs(conn: Connection, run_ids: list[str]) -> None:

@@ -4,7 +4,9 @@
 durable). Puts that arrive while a commit runs are batched into the next
 transaction. The buffer is bounded: when `max_pending` trajectories wait, `put`
 waits too (back-pressure instead of unbounded memory). `close()` flushes what is
-left. A failed commit fails exactly the puts in that batch and nothing else.
+left. When a batch's commit fails, each of its puts is committed again on its own
+(adding is idempotent), so a put whose data the store refuses fails alone and the
+others sharing its batch are still stored.
 """
 
 from __future__ import annotations
@@ -52,17 +54,33 @@ class StoreWriter:
             try:
                 await asyncio.to_thread(self.store.add, flat)
             except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                if len(batch) == 1:
+                    self._settle(batch[0][1], exc)
+                else:  # find the put at fault: commit each on its own
+                    for items, future in batch:
+                        try:
+                            await asyncio.to_thread(self.store.add, items)
+                        except Exception as own:
+                            self._settle(future, own)
+                        else:
+                            self.committed += len(items)
+                            self._settle(future, None)
             else:
                 self.committed += len(flat)
                 for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
+                    self._settle(future, None)
             async with self._space:
                 self._pending -= size
                 self._space.notify_all()
+
+    @staticmethod
+    def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+        if future.done():  # the caller gave up waiting
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
     async def close(self) -> None:
         """Flush everything queued, then refuse new puts."""
