@@ -273,3 +273,54 @@ def test_stream_raises_a_failing_sink_and_stops_admitting(arith_tasks):
     started, done = asyncio.run(go(blocking=True))
     assert started == 2 and done == 4  # nothing was admitted after the failure
     asyncio.run(go(blocking=False))  # raised too when every group had finished before the stream looked
+
+
+def test_rewards_and_info_the_store_cannot_hold_end_the_episode_as_an_env_error(arith_tasks):
+    """A NaN reward or an info value JSON cannot hold is the env's fault; NumPy values are converted."""
+    import numpy as np
+
+    task = arith_tasks.tasks("train", 1)[0]
+
+    def play(*results):
+        env = ScriptedEnv(results)
+        limits = EpisodeLimits(max_turns=5)
+        return asyncio.run(
+            run_episode(lambda: env, AlwaysCalc(), task, seed=0, sampling=SamplingParams(), limits=limits)
+        )
+
+    traj = play(reply("one", reward=0.5), reply("two", reward=float("nan")))
+    assert traj.termination == "env_error" and "non-finite reward" in traj.error
+    assert len(traj.steps) == 2 and traj.steps[0].reward == 0.5 and traj.reward == 0.5
+    traj = play(reply("one", info={"what": object()}))
+    assert traj.termination == "env_error" and "cannot be stored as JSON" in traj.error
+    traj = play(reply("one", info={"p": np.float32(0.25), "mask": np.array([1, 0])}, terminated=True))
+    assert traj.termination == "terminated" and traj.steps[0].info == {"p": 0.25, "mask": [1, 0]}
+
+
+def test_a_truncated_episode_succeeds_only_where_the_env_says_so(arith_tasks):
+    task = arith_tasks.tasks("train", 1)[0]
+    for info, success in (({}, False), ({"success": True}, True)):
+        env = ScriptedEnv([reply("balanced", reward=1.0, truncated=True, info=info)])
+        traj = asyncio.run(
+            run_episode(lambda e=env: e, AlwaysCalc(), task, seed=0, sampling=SamplingParams(), limits=EpisodeLimits())
+        )
+        assert traj.termination == "truncated" and traj.success is success
+
+
+class UntracedTokens(AlwaysCalc):
+    """Reports the ids it sampled but not its prompt's (as an endpoint that returns log-probs only may)."""
+
+    async def generate(self, messages, tools, sampling):
+        completion = await super().generate(messages, tools, sampling)
+        return completion.model_copy(update={"token_ids": [7] * 40})
+
+
+def test_the_total_token_budget_counts_turns_without_prompt_ids(arith_tasks):
+    task = arith_tasks.tasks("train", 1)[0]
+    env = ScriptedEnv([reply(str(i)) for i in range(5)])
+    limits = EpisodeLimits(max_turns=5, max_tokens_per_turn=40, max_total_tokens=80)
+    traj = asyncio.run(
+        run_episode(lambda: env, UntracedTokens(), task, seed=0, sampling=SamplingParams(), limits=limits)
+    )
+    assert traj.termination == "token_limit" and len(traj.steps) == 2
+    assert all(s.trace is None for s in traj.steps)

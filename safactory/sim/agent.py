@@ -29,10 +29,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
+from math import isfinite
 from types import CoroutineType
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from safactory.policy.base import Policy, SamplingParams
 from safactory.sim.env import Environment, EnvSpec
@@ -253,6 +255,31 @@ _validate_trajectory = Trajectory.__pydantic_validator__.validate_python
 _validate_message = Message.__pydantic_validator__.validate_python
 
 
+def storable_info(info: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an env's step `info` that the store can write as JSON.
+
+    NumPy scalars and arrays (common in Gymnasium `info`) become plain numbers and lists;
+    any other value JSON cannot hold raises ValueError, which ends the episode as an env error.
+    """
+    try:
+        to_json(info)
+        return dict(info)
+    except PydanticSerializationError:
+        pass
+    try:
+        text = to_json(info, fallback=_plain, inf_nan_mode="constants")
+    except (PydanticSerializationError, TypeError) as exc:
+        raise ValueError(f"the env's info cannot be stored as JSON: {exc}") from exc
+    return from_json(text, allow_inf_nan=True)
+
+
+def _plain(value: Any) -> Any:
+    """NumPy values as Python ones; anything else is refused."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 async def _loop(
     env: Environment,
     policy: Policy,
@@ -298,19 +325,20 @@ async def _loop(
                 {"role": "assistant", "content": completion.text, "tool_calls": completion.tool_calls}
             )
             trace = None
-            if completion.token_ids is not None and completion.prompt_ids is not None:
-                trace = TokenTrace(
-                    prompt_ids=completion.prompt_ids,
-                    completion_ids=completion.token_ids,
-                    logprobs=completion.logprobs,
-                    policy_version=completion.policy_version,
-                    policy_versions=completion.policy_versions or [completion.policy_version],
-                    temperature=completion.temperature,
-                    top_p=completion.top_p,
-                    finish_reason=completion.finish_reason,
-                )
-                tokens_used += len(trace.completion_ids)
+            if (token_ids := completion.token_ids) is not None:  # the token budget counts every sampled id
+                tokens_used += len(token_ids)
                 turn_budget = min(per_turn, total - tokens_used)
+                if completion.prompt_ids is not None:
+                    trace = TokenTrace(
+                        prompt_ids=completion.prompt_ids,
+                        completion_ids=token_ids,
+                        logprobs=completion.logprobs,
+                        policy_version=completion.policy_version,
+                        policy_versions=completion.policy_versions or [completion.policy_version],
+                        temperature=completion.temperature,
+                        top_p=completion.top_p,
+                        finish_reason=completion.finish_reason,
+                    )
         except Exception as exc:
             record.error = f"policy returned an invalid completion: {exc!r}"
             return "policy_error"
@@ -328,9 +356,11 @@ async def _loop(
             else:
                 result = await asyncio.wait_for(call, env_timeout_s)
             observation = list(result.messages)
-            step = {"index": turn, "action": action, "observation": observation, "reward": result.reward}
+            if (reward := result.reward) is not None and not isfinite(reward):
+                raise ValueError(f"the env answered with a non-finite reward ({reward})")
+            step = {"index": turn, "action": action, "observation": observation, "reward": reward}
             if (info := result.info) != {}:  # fields at their defaults are left to the validation
-                step["info"] = dict(info)
+                step["info"] = storable_info(info)
             if trace is not None:
                 step["trace"] = trace
             if completion.parse_error is not None:
@@ -351,6 +381,7 @@ async def _loop(
         if result.terminated:
             record.success = bool(result.info.get("success", (result.reward or 0.0) > 0))
             return "terminated"
-        if result.truncated:
+        if result.truncated:  # cut short, which counts as success only where the env says so
+            record.success = bool(result.info.get("success", False))
             return "truncated"
     return "max_turns"
