@@ -164,13 +164,16 @@ def serve_env(
     max_sessions: Annotated[int, typer.Option(help="Concurrent episodes (sessions) served at most")] = 64,
 ) -> None:
     """Serve an environment over HTTP, one session per episode; clients use env id http://HOST:PORT."""
-    from safactory.sim.remote import UnsafeBindError
+    from safactory.sim.remote import UnsafeBindError, check_bind
     from safactory.sim.remote import serve_env as run_server
 
     try:
-        run_server(env, host, port, max_sessions, token)
+        check_bind(host, token)
     except UnsafeBindError as exc:
         raise typer.BadParameter(str(exc), param_hint="--host") from exc
+    except ValueError as exc:  # an empty or blank token
+        raise typer.BadParameter(f"{exc} (check --token / $SAFACTORY_ENV_TOKEN)", param_hint="--token") from exc
+    run_server(env, host, port, max_sessions, token)
 
 
 @app.command("serve-policy")

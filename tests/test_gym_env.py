@@ -305,3 +305,36 @@ def test_plain_token_episode_through_run_episode():
         and "episode over (terminated)" in traj.steps[-1].observation[0].content
     )
     assert traj.tools[0].name == "act"
+
+
+async def _play(env_id: str, rule: Any) -> StepResult:
+    """Run `rule(observation) -> action` on GymEnv until the episode ends; the last step."""
+    env = GymEnv(env_id)
+    task = Task(id="t", env_id=env.spec.id, split="train", prompt="play", data={"seed": 0})
+    try:
+        obs = (await env.reset(task, 0)).info["observation"]
+        while True:
+            result = await env.step(act(rule(obs)))
+            obs = result.info["observation"]
+            if result.terminated or result.truncated:
+                return result
+    finally:
+        await env.close()
+
+
+def test_classic_control_success_is_reaching_the_goal_not_the_reward() -> None:
+    balance = lambda o: 1 if o[2] + 0.5 * o[3] > 0 else 0  # noqa: E731 - keeps the pole up
+    pump = lambda o: 2 if o[1] >= 0 else 0  # noqa: E731 - push with the velocity: reaches the flag
+    swing = lambda o: 2 if o[5] > 0 else 0  # noqa: E731 - torque with the joint velocity: swings up
+    cases = [
+        ("CartPole-v1", lambda o: 0, "terminated", False),  # the pole falls: reward 1.0, a failure
+        ("CartPole-v1?max_episode_steps=30", balance, "truncated", True),  # balanced to the time limit
+        ("MountainCar-v0", pump, "terminated", True),  # the goal: reward -1.0, a success
+        ("MountainCar-v0?max_episode_steps=20", pump, "truncated", False),
+        ("Acrobot-v1", swing, "terminated", True),  # the goal: reward 0.0
+        ("Acrobot-v1?max_episode_steps=20", swing, "truncated", False),
+    ]
+    for env_id, rule, ending, success in cases:
+        last = asyncio.run(_play(env_id, rule))
+        assert (last.terminated, last.truncated) == (ending == "terminated", ending == "truncated"), env_id
+        assert last.info["success"] is success, env_id

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -352,3 +356,107 @@ def test_bad_urls_and_settings_are_refused() -> None:
         create_env_app("arith", make_registry(), max_sessions=0)
     with pytest.raises(KeyError, match="unknown environment"):
         create_env_app("nope", make_registry())
+
+
+class GatedEnv(ArithEnv):
+    """arith whose construction and calculator block their thread until the test opens a gate."""
+
+    spec = dataclasses.replace(SPEC, id="gated")
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not self.gate.is_set():
+            self.entered.set()
+            self.gate.wait(30)
+
+    def tool_calc(self, expression: str) -> str:  # a synchronous simulator step
+        self.entered.set()
+        self.gate.wait(30)
+        return "4"
+
+
+def gated_app(**settings: Any) -> Any:
+    registry = default_registry()
+    registry.register("gated", EnvEntry(factory=GatedEnv, tasks=ArithTasks, spec=GatedEnv.spec))
+    GatedEnv.gate.clear()
+    GatedEnv.entered.clear()
+    return create_env_app("gated", registry, **settings)
+
+
+def wait_for_sessions(url: str, count: int, deadline_s: float = 20.0) -> int:
+    """Poll /health until `count` sessions are active (or the deadline passes); returns the last count."""
+    deadline = time.monotonic() + deadline_s
+    while (active := health(url)["active_sessions"]) != count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return active
+
+
+def test_a_session_whose_creation_was_given_up_on_is_still_released() -> None:
+    """The client gives up while POST /sessions is pending; close() must still free the server's slot."""
+    task = ArithTasks().tasks("train", 1)[0]
+    with running_server(gated_app(max_sessions=1)) as url:
+
+        async def go() -> None:
+            env = HttpEnv(url, spec=GatedEnv.spec)
+            opening = asyncio.ensure_future(env.reset(task, 0))
+            assert await asyncio.to_thread(GatedEnv.entered.wait, 10)  # the server is building the env
+            opening.cancel()  # the episode's env timeout, or a cancelled run
+            with contextlib.suppress(asyncio.CancelledError):
+                await opening
+            await env.close()
+
+        try:
+            asyncio.run(go())
+        finally:
+            GatedEnv.gate.set()  # the env build finishes only now, after the client closed
+        assert wait_for_sessions(url, 0) == 0
+        assert httpx.post(f"{url}/sessions").status_code == 200  # the one slot is free again
+
+        # A DELETE that overtakes its POST: the session is never created.
+        early = "x" * 24
+        assert httpx.delete(f"{url}/sessions/{early}").status_code == 404
+        late = httpx.post(f"{url}/sessions", json={"session_id": early})
+        assert late.status_code == 409 and late.json()["error"] == "session_closed"
+
+
+def test_a_synchronous_step_stalls_only_its_own_session_and_is_timed_out() -> None:
+    with running_server(gated_app(env_timeout_s=0.2)) as url:
+        GatedEnv.gate.set()  # build without waiting
+        session = httpx.post(f"{url}/sessions").json()["session_id"]
+        task = ArithTasks().tasks("train", 1)[0].model_dump(mode="json")
+        assert httpx.post(f"{url}/sessions/{session}/reset", json={"task": task, "seed": 0}).status_code == 200
+        GatedEnv.gate.clear()
+        GatedEnv.entered.clear()
+        action = call("calc", expression="2+2").model_dump(mode="json")
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                stepping = pool.submit(
+                    httpx.post, f"{url}/sessions/{session}/step", json={"action": action}, timeout=30
+                )
+                assert GatedEnv.entered.wait(10)  # the step is computing (blocking its thread)
+                # The server still answers, and times the stuck step out, while the env is blocked.
+                assert httpx.get(f"{url}/health", timeout=10).json()["ok"] is True
+                answer = stepping.result(timeout=10)
+                assert answer.status_code == 504 and answer.json()["error"] == "env_timeout"
+                assert not GatedEnv.gate.is_set()  # answered before the env finished
+        finally:
+            GatedEnv.gate.set()
+        assert wait_for_sessions(url, 0) == 0  # the timed-out session was dropped
+
+
+def test_blank_tokens_and_tokens_with_spaces() -> None:
+    from typer.testing import CliRunner
+
+    from safactory.cli import app
+
+    result = CliRunner().invoke(
+        app, ["serve-env", "arith", "--port", str(free_port())], env={"SAFACTORY_ENV_TOKEN": " "}
+    )
+    assert result.exit_code == 2 and "token must not be empty" in result.output
+    with running_server(create_env_app("arith", make_registry(), token=f" {TOKEN} ")) as url:
+        assert fetch_spec(url, token=TOKEN) == SPEC
+        assert fetch_spec(url, token=f" {TOKEN}\t") == SPEC
+        with pytest.raises(RemoteEnvAuthError):
+            fetch_spec(url, token="other")

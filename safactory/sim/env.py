@@ -9,6 +9,7 @@ that no bad action ever raises out of an episode.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -99,12 +100,14 @@ class EnvRegistry:
     `register_scheme` and resolve ids such as `gym:Taxi-v3` or `http://host:port`
     (`<scheme>:<rest>`, the rest passed to the scheme's factory). Installed packages
     add theirs through the entry-point group `safactory.envs` (each entry point is a
-    callable taking the registry).
+    callable taking the registry). A plugin that fails to load is skipped with a
+    warning (the others still load) and named in the error for an unknown env id.
     """
 
     entries: dict[str, EnvEntry] = field(default_factory=dict)
     schemes: dict[str, SchemeFactory] = field(default_factory=dict)
     _plugins_loaded: bool = False
+    plugin_errors: dict[str, str] = field(default_factory=dict)  # plugin name -> why it failed to load
 
     def register(self, env_id: str, entry: EnvEntry) -> None:
         if env_id in self.entries:
@@ -124,7 +127,11 @@ class EnvRegistry:
         if sep and scheme in self.schemes:
             return self.schemes[scheme](rest)
         known = ", ".join(sorted(self.entries) + [f"{s}:..." for s in sorted(self.schemes)]) or "none"
-        raise KeyError(f"unknown environment {env_id!r}; known: {known}")
+        message = f"unknown environment {env_id!r}; known: {known}"
+        if self.plugin_errors:
+            failed = "; ".join(f"{name} ({error})" for name, error in self.plugin_errors.items())
+            message += f"; env plugins that failed to load: {failed}"
+        raise KeyError(message)
 
     def ids(self) -> list[str]:
         self._load_plugins()
@@ -133,9 +140,14 @@ class EnvRegistry:
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
-        self._plugins_loaded = True
+        self._plugins_loaded = True  # set first: a plugin may look envs up while it registers
         for ep in entry_points(group="safactory.envs"):
-            ep.load()(self)
+            try:
+                ep.load()(self)
+            except Exception as exc:  # one broken plugin must not hide the others
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.plugin_errors[ep.name] = error
+                warnings.warn(f"safactory env plugin {ep.name!r} failed to load: {error}", RuntimeWarning, stacklevel=3)
 
 
 def default_registry() -> EnvRegistry:

@@ -4,7 +4,7 @@ Server: `create_env_app(env_id, registry, ...)` builds a FastAPI app around one 
 environment; `serve_env(...)` runs it with uvicorn (`safactory serve-env`). One session
 is one episode and owns one environment instance:
 
-    POST   /sessions                 -> {session_id, spec, idle_timeout_s}
+    POST   /sessions                 {session_id}? -> {session_id, spec, idle_timeout_s}
     POST   /sessions/{id}/reset      {task, seed}       -> Observation
     POST   /sessions/{id}/step       {action: Message}  -> StepResult
     DELETE /sessions/{id}            close the environment
@@ -13,14 +13,23 @@ is one episode and owns one environment instance:
     GET    /tasks?split=&n=&options= tasks from the server's task source ({"tasks": [...]})
 
 Sessions are bounded (429 when full), expire after `idle_timeout_s` without a call, and
-every env call is bounded by `env_timeout_s` (504, and the session is dropped). With a
+every env call is bounded by `env_timeout_s` (504, and the session is dropped). Each
+session's environment is built and runs on an event loop in a thread of its own, so a
+synchronous `reset`/`step` stalls only its session and is still timed out (the call
+itself runs on in its thread until it returns). A client may name the session it asks
+for (`{"session_id": ...}`, 16 to 128 URL-safe characters; otherwise the server picks
+one), so it can delete a session whose creation it gave up on: a DELETE that arrives
+while the session is being built closes it once built, and one that arrives before the
+POST means the POST creates nothing (409). With a
 token every endpoint needs `Authorization: Bearer <token>` (401 otherwise); `serve_env`
 refuses to bind anything but a loopback host without one. A failure inside the
 environment is an HTTP 500 whose JSON body `{"error": ..., "message": ...}` names it.
 
 Client: `HttpEnv(url)` speaks that protocol over `httpx.AsyncClient`. Only session
 creation is retried (bounded, with exponential backoff, on connection errors); a step is
-never retried because it is not idempotent. Every failure is a `RemoteEnvError` with a
+never retried because it is not idempotent. `close` deletes every session the client
+asked for, also one whose creation it gave up on, and finishes in the background when
+it is itself cancelled. Every failure is a `RemoteEnvError` with a
 clear message (timeouts are also `TimeoutError`s), so the agent loop records
 `env_error` / `env_timeout` and the run goes on. `register(registry)` adds the `http`
 and `https` schemes, so env ids such as `http://127.0.0.1:8790` resolve to an EnvEntry
@@ -37,11 +46,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
@@ -67,6 +79,8 @@ _MAX_BACKOFF_S = 5.0
 _CLOSE_TIMEOUT_S = 10.0
 _T = TypeVar("_T")
 _UNKNOWN_SPEC = EnvSpec(id="?", version="?")
+_CLIENT_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
+_MAX_FORGOTTEN = 10_000
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -107,6 +121,13 @@ class UnsafeBindError(ValueError):
 class ResetRequest(BaseModel):
     task: Task
     seed: int = 0
+
+
+class CreateSessionRequest(BaseModel):
+    """The optional body of POST /sessions: a client-chosen session id, so that the client can
+    delete the session even when it gave up before the answer came."""
+
+    session_id: str | None = Field(default=None, pattern=_CLIENT_SESSION_ID.pattern)
 
 
 class StepRequest(BaseModel):
@@ -171,26 +192,90 @@ class _ApiError(Exception):
         self.message = message[:_MAX_MESSAGE]
 
 
+class _EnvLoop:
+    """A thread running one event loop, where one session's environment is built and runs.
+
+    Every session gets its own, so an environment that computes synchronously in
+    `reset`/`step` (or its constructor) stalls only itself: the server's loop keeps
+    answering other sessions and enforces `env_timeout_s` on it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            try:
+                pending = asyncio.all_tasks(self.loop)
+                for task in pending:
+                    task.cancel()
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            finally:
+                self.loop.close()
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` (awaiting its result when it is awaitable) on this loop; cancelling the caller cancels it."""
+
+        async def invoke() -> Any:
+            result = fn()
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        coro = invoke()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # the loop is closed: its session is gone
+            coro.close()
+            raise
+        return await asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        with suppress(RuntimeError):  # already stopped and closed
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 @dataclass
 class _Session:
     id: str
-    env: Environment
+    runner: _EnvLoop
     last_used: float
+    env: Environment | None = None  # None while the environment is being built
     busy: bool = False
     closing: bool = False
 
 
 @dataclass
 class _SessionTable:
-    """Live sessions: bounded in number, expired when idle, one call at a time each."""
+    """Live sessions: bounded in number, expired when idle, one call at a time each.
+
+    A session is listed (and busy) from the moment its creation starts, so a DELETE
+    that arrives while its environment is still being built closes it as soon as it
+    is; a DELETE of a client-chosen id that is not known yet is remembered, so a
+    POST /sessions for that id arriving later creates nothing.
+    """
 
     factory: Callable[[], Environment]
     max_sessions: int
     idle_timeout_s: float
     clock: Callable[[], float]
     sessions: dict[str, _Session] = field(default_factory=dict)
+    forgotten: dict[str, None] = field(default_factory=dict)  # ids deleted before they were created
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    def create(self) -> _Session:
+    async def create(self, session_id: str | None = None) -> _Session:
+        if session_id is None:
+            session_id = secrets.token_urlsafe(16)
+        elif session_id in self.sessions:
+            raise _ApiError(409, "session_exists", f"session {session_id!r} already exists")
+        elif session_id in self.forgotten:
+            raise _ApiError(409, "session_closed", f"session {session_id!r} was closed before it was created")
         if len(self.sessions) >= self.max_sessions:
             raise _ApiError(
                 429,
@@ -198,14 +283,42 @@ class _SessionTable:
                 f"session limit reached: {len(self.sessions)} of {self.max_sessions} sessions in use; close "
                 "finished sessions, run fewer concurrent episodes or start the server with a larger --max-sessions",
             )
+        session = _Session(
+            id=session_id, runner=_EnvLoop(f"env-session-{session_id[:8]}"), last_used=self.clock(), busy=True
+        )
+        self.sessions[session_id] = session
+        # Built in a task of its own: the session is registered (or closed) even when the request is cancelled.
+        return await asyncio.shield(self._spawn(self._build(session)))
+
+    async def _build(self, session: _Session) -> _Session:
         try:
-            env = self.factory()
-        except Exception as exc:
+            session.env = await session.runner.call(self.factory)
+        except BaseException as exc:
+            self.sessions.pop(session.id, None)
+            session.runner.stop()
+            if not isinstance(exc, Exception):
+                raise
             logger.exception("creating an environment failed")
             raise _ApiError(500, "env_error", f"creating the environment raised {_describe(exc)}") from exc
-        session = _Session(id=secrets.token_urlsafe(16), env=env, last_used=self.clock())
-        self.sessions[session.id] = session
+        session.busy = False
+        session.last_used = self.clock()
+        if session.closing:
+            await self.remove(session.id)
+            raise _ApiError(409, "session_closed", f"session {session.id!r} was closed while it was being created")
         return session
+
+    def _spawn(self, call: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """A task the table keeps until it ends (its failure is logged by whoever awaits it, or dropped)."""
+        task = asyncio.ensure_future(call)
+        self.background.add(task)
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self.background.discard(finished)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: a request that went away must not leave a warning
+
+        task.add_done_callback(done)
+        return task
 
     def get(self, session_id: str) -> _Session:
         session = self.sessions.get(session_id)
@@ -233,16 +346,26 @@ class _SessionTable:
             if session.closing:
                 await self.remove(session.id)
 
-    async def remove(self, session_id: str) -> bool:
-        """Close a session now, or as soon as its running call ends. False when it does not exist."""
+    async def remove(self, session_id: str, *, wait: bool = True) -> bool:
+        """Close a session now, or as soon as its running call ends. False when it does not exist.
+
+        With `wait=False` the environment is closed in the background (after a timed-out call,
+        whose environment may still be busy in its thread).
+        """
         session = self.sessions.get(session_id)
         if session is None:
+            if _CLIENT_SESSION_ID.fullmatch(session_id):
+                self.forgotten[session_id] = None
+                while len(self.forgotten) > _MAX_FORGOTTEN:
+                    del self.forgotten[next(iter(self.forgotten))]
             return False
-        if session.busy:
+        if session.busy and wait:
             session.closing = True
             return True
         del self.sessions[session_id]
-        await _close_quietly(session.env)
+        closing = self._spawn(_close_session(session))
+        if wait:
+            await asyncio.shield(closing)
         return True
 
     async def expire_idle(self) -> int:
@@ -254,9 +377,14 @@ class _SessionTable:
         return len(stale)
 
     async def close_all(self) -> None:
-        for session_id in list(self.sessions):
-            self.sessions[session_id].busy = False
-            await self.remove(session_id)
+        for session in list(self.sessions.values()):
+            if session.env is None:  # still being built: closed as soon as it is
+                session.closing = True
+            else:
+                session.busy = False
+                await self.remove(session.id)
+        if self.background:
+            await asyncio.wait(self.background, timeout=_CLOSE_TIMEOUT_S)
 
 
 def _describe(exc: BaseException) -> str:
@@ -271,11 +399,23 @@ async def _close_quietly(env: Environment, timeout_s: float = _CLOSE_TIMEOUT_S) 
         logger.exception("closing an environment failed")
 
 
-async def _bounded(call: Coroutine[Any, Any, _T], what: str, timeout_s: float | None) -> _T:
-    """Await an env call under the server's time limit; an env failure becomes an HTTP 500."""
+async def _close_session(session: _Session, timeout_s: float = _CLOSE_TIMEOUT_S) -> None:
+    """Close a session's environment in its own thread (bounded), then end that thread."""
+    try:
+        env = session.env
+        if env is not None:
+            await asyncio.wait_for(session.runner.call(env.close), timeout_s)
+    except Exception:  # a failed close must not take the server or other sessions with it
+        logger.exception("closing an environment failed")
+    finally:
+        session.runner.stop()
+
+
+async def _bounded(session: _Session, call: Callable[[], Any], what: str, timeout_s: float | None) -> Any:
+    """Run an env call in the session's thread under the server's time limit; an env failure becomes an HTTP 500."""
     try:
         async with asyncio.timeout(timeout_s) as scope:
-            return await call
+            return await session.runner.call(call)
     except TimeoutError as exc:
         if scope.expired():
             raise _ApiError(504, "env_timeout", f"{what} did not finish within {timeout_s:g}s") from exc
@@ -326,6 +466,8 @@ def create_env_app(
         raise ValueError(f"idle_timeout_s must be positive, not {idle_timeout_s}")
     if token is not None and not token.strip():
         raise ValueError("the env server token must not be empty")
+    if token is not None:
+        token = token.strip()  # what clients send is compared stripped, as HTTP drops the spaces anyway
     if registry is None:
         from safactory.sim.env import default_registry
 
@@ -409,9 +551,10 @@ def create_env_app(
         return TaskList(tasks=tasks).model_dump(mode="json")
 
     @app.post("/sessions")
-    async def create_session() -> dict[str, Any]:
+    async def create_session(body: CreateSessionRequest | None = None) -> dict[str, Any]:
         await table.expire_idle()
-        session = table.create()
+        session = await table.create(body.session_id if body is not None else None)
+        assert session.env is not None
         return SessionInfo(
             session_id=session.id, spec=spec_to_json(session.env.spec), idle_timeout_s=idle_timeout_s
         ).model_dump(mode="json")
@@ -420,22 +563,24 @@ def create_env_app(
     async def reset(session_id: str, body: ResetRequest) -> Any:
         try:
             async with table.use(session_id) as session:
-                obs = await _bounded(session.env.reset(body.task, body.seed), "reset", env_timeout_s)
+                env = session.env
+                obs = await _bounded(session, lambda: env.reset(body.task, body.seed), "reset", env_timeout_s)
                 return _json_response(Observation, obs, "reset")
         except _ApiError as exc:
-            if exc.code == "env_timeout":
-                await table.remove(session_id)
+            if exc.code == "env_timeout":  # the env's state is unknown after a cancelled call: drop it
+                await table.remove(session_id, wait=False)
             raise
 
     @app.post("/sessions/{session_id}/step")
     async def step(session_id: str, body: StepRequest) -> Any:
         try:
             async with table.use(session_id) as session:
-                result = await _bounded(session.env.step(body.action), "step", env_timeout_s)
+                env = session.env
+                result = await _bounded(session, lambda: env.step(body.action), "step", env_timeout_s)
                 return _json_response(StepResult, result, "step")
         except _ApiError as exc:
             if exc.code == "env_timeout":  # the env's state is unknown after a cancelled call: drop it
-                await table.remove(session_id)
+                await table.remove(session_id, wait=False)
             raise
 
     @app.delete("/sessions/{session_id}")
@@ -535,6 +680,7 @@ def _parse(validate: Callable[[Any], _T], data: Any, what: str, url: str) -> _T:
 
 
 def _headers(token: str | None) -> dict[str, str]:
+    token = token.strip() if token else None  # spaces at either end cannot cross HTTP; the server strips them too
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -654,8 +800,10 @@ class HttpEnv:
             )
         self.spec: EnvSpec = spec
         self.session_id: str | None = None
+        self._requested: list[str] = []  # session ids asked for, whether or not the server answered
         self._client: httpx.AsyncClient | None = None
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     @classmethod
     async def connect(
@@ -682,10 +830,10 @@ class HttpEnv:
         env.spec = _parse(spec_from_json, await env._call_with_retries("GET", "/spec", what), what, env.url)
         return env
 
-    def _http(self) -> httpx.AsyncClient:
+    def _http(self, closing: bool = False) -> httpx.AsyncClient:
         import httpx
 
-        if self._closed:
+        if self._closed or (self._closing is not None and not closing):
             raise RemoteEnvError(f"this HttpEnv for {self.url} is closed")
         if self._client is None:
             self._client = httpx.AsyncClient(
@@ -693,11 +841,13 @@ class HttpEnv:
             )
         return self._client
 
-    async def _send(self, method: str, path: str, what: str, body: dict[str, Any] | None, attempts: int) -> Any:
+    async def _send(
+        self, method: str, path: str, what: str, body: dict[str, Any] | None, attempts: int, *, open_ok: bool = False
+    ) -> Any:
         """One request; retried (up to `attempts` in all) only when the connection could not be made."""
         import httpx
 
-        client = self._http()
+        client = self._http(open_ok)
         for attempt in range(attempts):
             try:
                 response = await client.request(method, path, json=body)
@@ -717,12 +867,25 @@ class HttpEnv:
     async def _call(self, method: str, path: str, what: str, body: dict[str, Any] | None = None) -> Any:
         return await self._send(method, path, what, body, attempts=1)
 
-    async def _call_with_retries(self, method: str, path: str, what: str) -> Any:
-        return await self._send(method, path, what, None, attempts=self.connect_retries + 1)
+    async def _call_with_retries(self, method: str, path: str, what: str, body: dict[str, Any] | None = None) -> Any:
+        return await self._send(method, path, what, body, attempts=self.connect_retries + 1)
 
     async def _open_session(self) -> str:
         what = "creating a session"
-        data = await self._call_with_retries("POST", "/sessions", what)
+        # The client names the session, so `close` can delete it even when this call is
+        # cancelled or times out after the server created it (servers that predate this
+        # ignore the body and answer with an id of their own).
+        import httpx
+
+        requested = secrets.token_urlsafe(24)
+        self._requested.append(requested)
+        try:
+            data = await self._call_with_retries("POST", "/sessions", what, {"session_id": requested})
+        except RemoteEnvError as exc:
+            refused = exc.status is not None  # the server answered: it created nothing
+            if refused or isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
+                self._requested.remove(requested)
+            raise
         info = _parse(SessionInfo.model_validate, data, what, self.url)
         self.session_id = info.session_id
         served = _parse(spec_from_json, info.spec, what, self.url)
@@ -747,14 +910,28 @@ class HttpEnv:
         return _parse(StepResult.model_validate, data, "step", self.url)
 
     async def close(self) -> None:
-        """Delete the session (one that already expired is fine) and close the connection pool."""
+        """Delete the session (one that already expired is fine) and close the connection pool.
+
+        This also deletes a session whose creation was given up on (cancelled or timed out)
+        and carries on in the background when `close` itself is cancelled, so that a
+        session the server created never holds its slot until it idles out.
+        """
         if self._closed:
             return
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._release())
+            _RELEASING.add(self._closing)
+            self._closing.add_done_callback(_RELEASING.discard)
+        await asyncio.shield(self._closing)
+
+    async def _release(self) -> None:
+        ids = list(dict.fromkeys([*([self.session_id] if self.session_id else []), *self._requested]))
+        self.session_id = None
+        self._requested = []
         try:
-            if self.session_id is not None:
-                session_id, self.session_id = self.session_id, None
+            for session_id in ids:
                 try:
-                    await self._call("DELETE", f"/sessions/{session_id}", "closing the session")
+                    await self._send("DELETE", f"/sessions/{session_id}", "closing the session", None, 1, open_ok=True)
                 except RemoteEnvError as exc:
                     if exc.status != 404:
                         raise
@@ -763,6 +940,9 @@ class HttpEnv:
             if self._client is not None:
                 await self._client.aclose()
                 self._client = None
+
+
+_RELEASING: set[asyncio.Future[None]] = set()  # closes that outlive a cancelled `close()` call
 
 
 def register(

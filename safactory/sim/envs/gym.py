@@ -26,6 +26,9 @@ tabular envs.
   `split_stride + seed + i`, so the splits never share a seed (they may share a start
   state in envs with few of them, e.g. Taxi's 300).
 * `EnvSpec.max_turns` is the env's `max_episode_steps`, or 100 when it has none.
+* Success: for envs whose reward does not tell (see `SUCCESS_ON`) the ending step sets
+  `info["success"]`: CliffWalking, MountainCar and Acrobot succeed when they terminate
+  (the goal), CartPole when it is truncated at its time limit without the pole falling.
 
 Steps run synchronously in the event loop: cheap for toy-text and classic-control
 envs; wrap heavy simulators in a remote env instead.
@@ -76,6 +79,17 @@ GOALS: dict[str, str] = {
     "FrozenLake8x8": "Walk (@) from S to the goal G without falling into a hole H.",
     "Blackjack": "Beat the dealer: get a hand closer to 21 than theirs without going over.",
     "CartPole": "Keep the pole balanced on the cart for as long as possible.",
+}
+# How an episode of a well-known env ends in success, by Gymnasium spec name: "terminated" (only
+# reaching the goal terminates; its reward says nothing, e.g. -1 like any step) or "truncated"
+# (surviving to the time limit, as CartPole's pole falling is what terminates). `info["success"]` is
+# set on every ending step of these envs; other envs leave it to the agent loop (positive final reward).
+SUCCESS_ON: dict[str, str] = {
+    "CliffWalking": "terminated",
+    "CliffWalkingSlippery": "terminated",
+    "CartPole": "truncated",
+    "MountainCar": "terminated",
+    "Acrobot": "terminated",
 }
 _ANSI_SPAN = re.compile(r"\x1b\[([0-9;]*)m(.*?)\x1b\[0m", re.DOTALL)
 _ANSI_ANY = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -363,8 +377,9 @@ class GymEnv:
         info: dict[str, Any] = {"action": chosen, "observation": jsonable(obs), "gym_info": jsonable(gym_info)}
         if errors:
             info["errors"] = errors
-        if terminated and self.profile.name.startswith("CliffWalking"):
-            info["success"] = True  # only reaching the goal terminates; its reward is -1 like any step
+        success_on = SUCCESS_ON.get(self.profile.name)
+        if self.done and success_on is not None:
+            info["success"] = bool(terminated) if success_on == "terminated" else bool(truncated and not terminated)
         return StepResult(
             messages=self._fill(action, replies, act_call, text),
             reward=float(reward),
