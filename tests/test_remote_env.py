@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from safactory.loopback import LoopbackHostGuard
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits, run_episode
 from safactory.sim.env import EnvEntry, EnvRegistry, default_registry
@@ -460,3 +461,17 @@ def test_blank_tokens_and_tokens_with_spaces() -> None:
         assert fetch_spec(url, token=f" {TOKEN}\t") == SPEC
         with pytest.raises(RemoteEnvAuthError):
             fetch_spec(url, token="other")
+
+
+def test_a_tokenless_server_answers_loopback_host_names_only() -> None:
+    """DNS rebinding: a web page whose host name resolves to 127.0.0.1 sends its own name as Host."""
+    app = LoopbackHostGuard(create_env_app("arith", make_registry()))
+
+    async def status(base_url: str) -> int:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
+            return (await client.get("/health")).status_code
+
+    for url in ("http://127.0.0.1:8790", "http://localhost:8790", "http://[::1]:8790", "http://127.0.0.2"):
+        assert asyncio.run(status(url)) == 200, url
+    for url in ("http://attacker.example", "http://attacker.example:8790", "http://10.0.0.5:8790"):
+        assert asyncio.run(status(url)) == 403, url

@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
-import ipaddress
 import json
 import logging
 import os
@@ -62,6 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from safactory.loopback import LoopbackHostGuard, is_loopback_host
 from safactory.sim.env import EnvEntry, Environment, EnvRegistry, EnvSpec
 from safactory.types import Message, Observation, StepResult, Task
 
@@ -157,17 +157,6 @@ def spec_from_json(data: Any) -> EnvSpec:
 
 
 # ---- server ---------------------------------------------------------------------------------------
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for `localhost` and literal loopback addresses (127.0.0.0/8, ::1); hostnames count as not loopback."""
-    name = host.strip().strip("[]")
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, token: str | None) -> None:
@@ -607,7 +596,9 @@ def serve_env(
     check_bind(host, token)
     import uvicorn
 
-    app = create_env_app(env_id, max_sessions=max_sessions, token=token)
+    app: Any = create_env_app(env_id, max_sessions=max_sessions, token=token)
+    if token is None:  # loopback only: refuse requests that a web page made through DNS rebinding
+        app = LoopbackHostGuard(app)
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
 
 
