@@ -1,6 +1,6 @@
-from safactory.policy.chat import assistant_text, parse_tool_calls
+from safactory.policy.chat import assistant_text, parse_json_tool_calls, parse_tool_calls
 from safactory.sim.envs.arith import ANSWER, CALC
-from safactory.types import Message, ToolCall
+from safactory.types import Message, ToolCall, ToolSpec
 
 TOOLS = [CALC, ANSWER]
 
@@ -40,3 +40,17 @@ def test_render_is_incremental_and_masks_assistant_tokens(chat):
 def test_assistant_text_from_structured_calls():
     msg = Message(role="assistant", tool_calls=[ToolCall(id="a", name="calc", arguments={"expression": "1+1"})])
     assert assistant_text(msg) == "calc(1+1)"
+
+
+def test_malformed_json_in_tool_calls_is_a_parse_error_never_an_exception():
+    deep, huge = "[" * 5000, "9" * 5000  # past the recursion limit, past the int-digit limit
+    assert parse_json_tool_calls(deep) is None  # not a JSON call: a plain reply
+    for text in ("<tool_call>" + deep, '{"name": "calc", "arguments": {"x": ' + huge + "}}"):
+        calls, err = parse_json_tool_calls(text)
+        assert calls == [] and "malformed tool call JSON" in (err or "")
+    for inner in ('{"x": ' + huge + "}", '{"x": ' + deep + "}"):  # not JSON: the plain argument
+        calls, err = parse_tool_calls(f"calc({inner})", TOOLS)
+        assert err is None and calls[0].arguments == {"expression": inner}
+    bad_schema = ToolSpec(name="calc", parameters={"type": "object", "properties": None, "required": 5})
+    calls, err = parse_tool_calls("calc(1+2)", [bad_schema])
+    assert err is None and calls[0].arguments == {"arg": "1+2"}

@@ -262,6 +262,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(sharp):
 
     failed = asyncio.run(go())
     assert all(isinstance(f, PolicyError) and "device lost" in str(f) for f in failed)
+    assert all(f.status_code == 500 for f in failed)  # a server fault for a server to answer, not a 400
     assert policy.running == 0
     again = asyncio.run(policy.generate(PROMPTS[0], [], greedy))
     assert len(again.token_ids) == 5 and again.policy_versions == [0]
@@ -274,8 +275,9 @@ def test_close_fails_requests_in_flight(sharp):
         task = asyncio.create_task(policy.generate(PROMPTS[0], [], SamplingParams(temperature=0.0, max_tokens=40)))
         await until_steps(policy, 2)
         await policy.close()
-        with pytest.raises(PolicyError, match="closed"):
+        with pytest.raises(PolicyError, match="closed") as closed:
             await task
+        assert closed.value.status_code == 503  # a server answers it as unavailable (retry), not a bad request
         return await policy.generate(PROMPTS[1], [], SamplingParams(temperature=0.0, max_tokens=3))
 
     after = asyncio.run(go())

@@ -101,6 +101,27 @@ def test_tool_calls_map_to_our_tool_calls(serve):
     assert (c.token_ids, c.logprobs, c.prompt_ids) == ([9, 2], [-1.0, -2.0], [1])
 
 
+class Swapped:
+    """A policy whose completion spans a weight swap: its tokens came from versions 2 and 3."""
+
+    version = 3
+
+    async def generate(self, messages: list[Message], tools: list[ToolSpec], sampling: SamplingParams) -> Completion:
+        return Completion(
+            text="hi", prompt_ids=[1], token_ids=[9, 2], logprobs=[-1.0, -2.0], policy_version=2, policy_versions=[2, 3]
+        )
+
+
+def test_every_policy_version_a_completion_touched_comes_through_the_server(serve, tmp_path):
+    store = TrajectoryStore.in_dir(tmp_path)
+    server = serve(create_policy_app(Swapped(), model_name="tiny", recorder=ProxyRecorder(store)))
+    c = asyncio.run(fast(server.url).generate(MESSAGES, [], SamplingParams(max_tokens=4)))
+    assert (c.policy_version, c.policy_versions) == (2, [2, 3])
+    (traj,) = store.query(kind="proxy")
+    assert (traj.steps[0].trace.policy_version, traj.steps[0].trace.policy_versions) == (2, [2, 3])
+    assert traj.policy_versions() == [2, 3]
+
+
 def _response(tool_arguments: str) -> dict:
     call = {"id": "x", "type": "function", "function": {"name": "calc", "arguments": tool_arguments}}
     message = {"role": "assistant", "content": None, "tool_calls": [call]}
@@ -115,6 +136,12 @@ def test_bad_tool_arguments_are_a_parse_error_not_an_exception():
     assert c.tool_calls == [] and "JSON object" in (c.parse_error or "")
     c = completion_from_response(_response('{"expression": "1+1"}'), sampling)
     assert c.tool_calls[0].arguments == {"expression": "1+1"} and c.parse_error is None
+
+
+def test_tool_arguments_too_deep_or_with_too_long_numbers_are_a_parse_error():
+    for arguments in ("[" * 5000, '{"x": ' + "9" * 5000 + "}"):
+        c = completion_from_response(_response(arguments), SamplingParams())
+        assert c.tool_calls == [] and "not valid JSON" in (c.parse_error or "")
 
 
 def test_vllm_and_sglang_response_shapes_give_token_ids():

@@ -6,8 +6,10 @@ import torch
 
 from safactory.evolve.losses import token_logprobs
 from safactory.policy.base import PolicyError, SamplingParams
-from safactory.policy.local import sample_tokens
-from safactory.policy.models import load_model, save_model
+from safactory.policy.chat import PlainTextChat
+from safactory.policy.local import LocalPolicy, sample_tokens
+from safactory.policy.models import TinyModelSpec, build_tiny, load_model, save_model
+from safactory.policy.subword import train_subword
 from safactory.policy.tokenizer import CharTokenizer
 from safactory.sim.envs.arith import ANSWER, CALC
 from safactory.types import Message
@@ -102,3 +104,26 @@ def test_save_and_reload_like_any_hf_model(tiny, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, again(input_ids=ids).logits, atol=1e-6)
     assert tok2.vocab_size == tok.vocab_size
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_stop_string_inside_a_token_stops_and_cuts_the_text_there(continuous):
+    tok = train_subword(['calc({"a": 1})\nanswer({"b": 2})\n'] * 50, vocab_size=300)
+    (closing,) = tok.encode("})")  # one token that holds the stop string "}" before its end
+    model, tok = build_tiny(TinyModelSpec(hidden_size=32, layers=1, heads=2, intermediate_size=64), 0, tok)
+    bias = torch.zeros(len(tok))
+    bias[closing] = 100.0  # the model always writes "})"
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    policy = LocalPolicy(model, PlainTextChat(tok), continuous=continuous)
+    prompt = [tok.bos_id, *tok.encode("U: hi\nA: ")]
+
+    async def go(stop: list[str]):
+        return await policy.generate_ids(prompt, SamplingParams(temperature=0.0, max_tokens=6, stop=stop))
+
+    c = asyncio.run(go(["}", ")"]))
+    # OpenAI/vLLM: finish "stop", text cut before the earliest stop; the sampled token stays in the trace
+    assert (c.finish_reason, c.text, c.token_ids, len(c.logprobs)) == ("stop", "", [closing], 1)
+    c = asyncio.run(go([")}"]))  # spans the first token's end and the second's start
+    assert (c.finish_reason, c.text, c.token_ids) == ("stop", "}", [closing, closing])
+    c = asyncio.run(go(["x"]))
+    assert (c.finish_reason, c.text, c.token_ids) == ("length", "})" * 6, [closing] * 6)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import socket
+import time
 
 import openai
 import pytest
 import torch
 from openai import OpenAI
+from transformers import PreTrainedTokenizerFast
 
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.losses import token_logprobs
 from safactory.policy.base import Completion, SamplingParams
-from safactory.policy.chat import PlainTextChat
+from safactory.policy.chat import PlainTextChat, TemplateChat
 from safactory.policy.endpoint import tool_to_openai
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import TinyModelSpec, build_tiny, save_model
@@ -26,6 +29,7 @@ from safactory.policy.server import (
     messages_from_openai,
     serve_policy,
 )
+from safactory.policy.subword import train_subword
 from safactory.sim.envs.arith import ANSWER, CALC
 from safactory.types import Message, ToolCall, ToolSpec
 
@@ -366,3 +370,90 @@ def test_local_policy_score_equals_a_forward_pass(tiny):
     scored = asyncio.run(policy.score(ids))
     assert scored[0] is None and len(scored) == len(ids)
     assert max_diff(scored[1:], forward_logprobs(model, ids[:1], ids[1:], 1.0)) < 1e-5
+
+
+def test_engine_failures_are_server_errors_a_client_retries(serve, policy):
+    real, calls = policy._forward, {"n": 0}
+
+    def flaky(joining):  # the engine's first step fails (a model or device error)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return real(joining)
+
+    policy._forward = flaky
+    server = serve(create_policy_app(policy, model_name="tiny"))
+    with pytest.raises(openai.InternalServerError, match="device lost") as failed:
+        client_for(server).chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+    assert failed.value.status_code == 500 and failed.value.body["type"] == "server_error"
+    assert client_for(server).chat.completions.create(model="tiny", messages=USER, max_tokens=3).choices
+
+
+def test_malformed_client_input_is_a_400_and_anything_unexpected_a_500(serve, policy):
+    client = client_for(serve(create_policy_app(policy, model_name="tiny")))
+    for arguments in ("[" * 5000, '{"x": ' + "9" * 5000 + "}"):  # too deep, a number past the digit limit
+        call = {"id": "c", "type": "function", "function": {"name": "calc", "arguments": arguments}}
+        with pytest.raises(openai.BadRequestError, match="not valid JSON"):
+            client.chat.completions.create(
+                model="tiny", messages=[*USER, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            )
+    for params, field in (({"type": "object", "properties": None}, "properties"), ({"required": 5}, "required")):
+        tool = {"type": "function", "function": {"name": "calc", "parameters": params}}
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.chat.completions.create(model="tiny", messages=USER, tools=[tool])
+
+    class Broken:
+        async def generate(self, messages, tools, sampling):
+            raise KeyError("a bug")
+
+    broken = serve(create_policy_app(Broken(), model_name="broken"))
+    with pytest.raises(openai.InternalServerError, match="a bug") as failed:
+        client_for(broken).chat.completions.create(model="broken", messages=USER)
+    assert failed.value.status_code == 500 and failed.value.body["type"] == "server_error"
+
+
+def test_a_client_that_disconnects_cancels_its_generation(serve):
+    spec = TinyModelSpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, max_positions=4096)
+    model, tok = build_tiny(spec, 0)
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_id] = -1e4  # never ends by itself: runs to max_tokens
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    policy = LocalPolicy(model, PlainTextChat(tok), seed=0)
+    server = serve(create_policy_app(policy, model_name="tiny"))
+    max_tokens = 4000
+    body = json.dumps({"model": "tiny", "messages": USER, "max_tokens": max_tokens, "n": 2}).encode()
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock = socket.create_connection((server.host, server.port))
+    sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    for _ in range(6000):  # bounded polls, no timing assumption
+        if policy.running == 2:
+            break
+        time.sleep(0.01)
+    assert policy.running == 2
+    sock.close()  # the client goes away mid-generation
+    for _ in range(6000):
+        if policy.running == 0:
+            break
+        time.sleep(0.01)
+    assert policy.running == 0 and policy.decode_steps < max_tokens  # cancelled, not run to the end
+
+
+def test_default_max_tokens_counts_a_template_prompt_and_its_tools(serve):
+    sub = train_subword(["hello world user assistant"] * 20, vocab_size=300)
+    hf = PreTrainedTokenizerFast(tokenizer_object=sub.inner, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+    hf.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    chat = TemplateChat(hf)
+    messages = [Message(role="user", content="hello world")]
+    with_tools = len(chat.prompt_ids(messages, [CALC, ANSWER]))  # the template lists the tools' schemas
+    positions, default = with_tools + 64, 128
+    assert len(chat.prompt_ids(messages)) + default <= positions  # only the tools leave too little room
+    spec = TinyModelSpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, max_positions=positions)
+    policy = LocalPolicy(build_tiny(spec, 0, sub)[0], chat, seed=0)
+    server = serve(create_policy_app(policy, model_name="m", default_max_tokens=default))
+    r = client_for(server).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hello world"}], tools=TOOLS, temperature=0
+    )
+    assert r.usage.prompt_tokens == with_tools and 0 < r.usage.completion_tokens <= positions - with_tools

@@ -65,6 +65,31 @@ TOOLS_PREAMBLE = (
 )
 
 
+def load_json(text: str) -> tuple[Any, str | None]:
+    """`json.loads` that never raises: (value, None), or (None, why) for text that is not JSON.
+
+    Model output is untrusted: besides malformed JSON, a deep nest of brackets
+    (RecursionError) or an integer over Python's digit limit (ValueError) is a parse
+    error here, never an exception.
+    """
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, exc.msg
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def _param_names(spec: ToolSpec) -> list[str]:
+    """`spec.param_names()`, or [] for a schema too malformed to name its parameters."""
+    try:
+        return [str(p) for p in spec.param_names()]
+    except (TypeError, AttributeError):
+        return []
+
+
 # ---- the interface a policy uses ---------------------------------------------------------
 @runtime_checkable
 class ChatTokenizer(Protocol):
@@ -123,15 +148,12 @@ def parse_tool_calls(text: str, tools: list[ToolSpec]) -> tuple[list[ToolCall], 
         name, inner = match.group(1), match.group(2).strip()
         arguments: dict[str, object] | None = None
         if inner.startswith("{"):
-            try:
-                loaded = json.loads(inner)
-            except json.JSONDecodeError:
-                loaded = None
+            loaded, _ = load_json(inner)
             if isinstance(loaded, dict):
                 arguments = loaded
         if arguments is None:
             spec = by_name.get(name)
-            params = spec.param_names() if spec is not None else []
+            params = _param_names(spec) if spec is not None else []
             arguments = {params[0] if params else "arg": inner}
         calls.append(ToolCall(id=f"call_{len(calls)}", name=name, arguments=arguments))
     return calls, None
@@ -187,9 +209,8 @@ def _call_from_json(obj: Any, index: int) -> ToolCall | None:
         return _call_from_json(obj["function"], index)
     arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
+        arguments, error = load_json(arguments) if arguments.strip() else ({}, None)
+        if error is not None:
             return None
     if arguments is None:
         arguments = {}
@@ -210,10 +231,9 @@ def parse_json_tool_calls(text: str) -> tuple[list[ToolCall], str | None] | None
     if "<tool_call>" in stripped:
         calls: list[ToolCall] = []
         for block in _TOOL_CALL_BLOCK.findall(stripped):
-            try:
-                obj = json.loads(block.strip())
-            except json.JSONDecodeError as exc:
-                return [], f"malformed tool call JSON: {exc.msg}: {block.strip()[:60]!r}"
+            obj, error = load_json(block.strip())
+            if error is not None:
+                return [], f"malformed tool call JSON: {error}: {block.strip()[:60]!r}"
             call = _call_from_json(obj, len(calls))
             if call is None:
                 return [], f"a tool call needs a name and JSON-object arguments: {block.strip()[:60]!r}"
@@ -223,11 +243,10 @@ def parse_json_tool_calls(text: str) -> tuple[list[ToolCall], str | None] | None
     body = fenced.group(1) if fenced else stripped
     if not body.startswith(("{", "[")):
         return None
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError as exc:
+    obj, error = load_json(body)
+    if error is not None:
         if re.match(r'^\[?\s*\{\s*"name"', body):
-            return [], f"malformed tool call JSON: {exc.msg}: {body[:60]!r}"
+            return [], f"malformed tool call JSON: {error}: {body[:60]!r}"
         return None
     items = obj if isinstance(obj, list) else [obj]
     found = [_call_from_json(item, i) for i, item in enumerate(items)]

@@ -256,6 +256,7 @@ def completion_from_response(
     prompt_ids: list[int] | None = None
     token_ids: list[int] | None = None
     version = default_version
+    policy_versions: list[int] = []
     finish = choice.get("finish_reason") or "stop"
     finish = "stop" if finish == "tool_calls" else finish
 
@@ -269,6 +270,9 @@ def completion_from_response(
         token_ids = our_choice.get("token_ids")
         logprobs = our_choice.get("logprobs", logprobs)
         version = int(our_choice.get("policy_version", ours.get("policy_version", default_version)))
+        versions = our_choice.get("policy_versions")
+        if isinstance(versions, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+            policy_versions = list(versions)
         finish = our_choice.get("finish_reason") or finish
         parse_error = parse_error or our_choice.get("parse_error")
     else:
@@ -288,6 +292,7 @@ def completion_from_response(
         token_ids=list(token_ids) if token_ids is not None else None,
         logprobs=logprobs,
         policy_version=version,
+        policy_versions=policy_versions,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         finish_reason=finish,
@@ -306,7 +311,7 @@ def _tool_calls(raw: list[dict[str, Any]]) -> tuple[list[ToolCall], str | None]:
         else:
             try:
                 args = json.loads(arguments) if arguments else {}
-            except (json.JSONDecodeError, TypeError) as exc:
+            except (ValueError, TypeError, RecursionError) as exc:  # also too deep, or an over-long integer
                 return [], f"tool call {fn['name']!r}: arguments are not valid JSON ({exc}): {str(arguments)[:80]!r}"
         if not isinstance(args, dict):
             return [], f"tool call {fn['name']!r}: arguments must be a JSON object, got {type(args).__name__}"

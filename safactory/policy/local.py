@@ -13,6 +13,11 @@ spare room, and attends each row to its own cache). Then:
    and leading columns no remaining row needs are dropped, so they stop costing
    compute.
 
+A stop string ends a row on the token whose text completes it, also when it lies inside a
+multi-character token (`StopScanner` decodes only each row's newest tokens); that token stays in
+the completion's token ids and log-probs (what was sampled), and the text is cut before the
+earliest stop, as OpenAI and vLLM return it.
+
 So a request joins at the next decode step instead of waiting for the whole batch
 to finish. `LocalPolicy(..., continuous=False)` keeps the older static batching
 (take all waiting requests, run them until every row finishes) for comparison; it
@@ -65,6 +70,14 @@ from safactory.types import Message, ToolCall, ToolSpec
 log = logging.getLogger(__name__)
 
 
+class EngineError(PolicyError):
+    """The engine failed or stopped under a request: a server fault (5xx, worth a retry), not a bad request."""
+
+    def __init__(self, message: str, status_code: int = 500) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
 @dataclass
 class _Result:
     token_ids: list[int]
@@ -97,6 +110,7 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     finish: str = ""
+    stops: StopScanner | None = None
 
 
 @dataclass(frozen=True)
@@ -238,11 +252,8 @@ class LocalPolicy:
         return self._completion(prompt_ids, sampling, result, self._text(result.token_ids, sampling), [], None)
 
     def _text(self, token_ids: list[int], sampling: SamplingParams) -> str:
-        text = self.chat.tokenizer.decode(token_ids)
-        for stop in sampling.stop:
-            if stop and text.endswith(stop):
-                text = text[: -len(stop)]
-        return text
+        """The completion's text, cut before the earliest stop string (its tokens all stay in the trace)."""
+        return cut_at_stop(self.chat.tokenizer.decode(token_ids), sampling.stop)
 
     @staticmethod
     def _completion(
@@ -310,7 +321,7 @@ class LocalPolicy:
         loop = asyncio.get_running_loop()
         for req in list(self._inflight):
             if req.future.get_loop() is loop and not req.future.done():
-                req.future.set_exception(PolicyError("the policy was closed"))
+                req.future.set_exception(EngineError("the policy was closed", 503))
 
     # ---- scoring ---------------------------------------------------------------------
     async def score(self, token_ids: list[int], temperature: float = 1.0) -> list[float | None]:
@@ -385,11 +396,19 @@ class LocalPolicy:
         pos_BT = (attn_BT.cumsum(-1) - 1).clamp(min=0)
         return ids_BT, attn_BT, pos_BT
 
-    def _finished(self, tokens: list[int], sampling: SamplingParams) -> str:
-        """The finish reason once `tokens` (the newest last) end the request, else ""."""
+    def _stop_scanner(self, sampling: SamplingParams) -> StopScanner | None:
+        return StopScanner(self.chat.tokenizer, sampling.stop) if any(sampling.stop) else None
+
+    def _finished(self, tokens: list[int], sampling: SamplingParams, stops: StopScanner | None) -> str:
+        """The finish reason once `tokens` (the newest last) end the request, else "".
+
+        `stops` (the row's own scanner, fed every token in order) finds a stop string in the
+        text the newest token added, also one that ends inside that token; the token stays
+        in the completion, and `_text` cuts the text before the stop.
+        """
         if tokens[-1] in self._eos_ids:
             return "stop"
-        if sampling.stop and _hits_stop(self.chat.tokenizer.decode(tokens), sampling.stop):
+        if stops is not None and stops.hit(tokens):
             return "stop"
         if len(tokens) >= sampling.max_tokens:
             return "length"
@@ -410,7 +429,7 @@ class LocalPolicy:
             try:
                 done = await asyncio.to_thread(self._step, joining)
             except Exception as exc:  # a failed step fails the requests in it, not the worker
-                error = PolicyError(f"generation failed: {exc!r}")
+                error = EngineError(f"generation failed: {exc!r}")
                 with self._lock:
                     failed = [row.req for row in self._rows] + joining
                     self._reset_running()
@@ -452,7 +471,7 @@ class LocalPolicy:
                 row.logprobs.append(lp)
                 if not row.versions or row.versions[-1] != version:
                     row.versions.append(version)
-                row.finish = self._finished(row.tokens, row.req.sampling)
+                row.finish = self._finished(row.tokens, row.req.sampling, row.stops)
                 if row.finish:
                     done.append((row.req, _Result(row.tokens, row.logprobs, row.finish, row.versions)))
                     if self.prefix_cache is not None and row.versions == [version]:
@@ -505,7 +524,8 @@ class LocalPolicy:
             out = self.model(input_ids=ids_1N, position_ids=pos_1N, use_cache=False, slot_plan=plan, **kwargs)
         for row in rows:
             row.next_pos += 1
-        self._rows = rows + [_Row(req, next_pos=len(req.prompt_ids)) for req in joining]
+        joined = [_Row(req, next_pos=len(req.prompt_ids), stops=self._stop_scanner(req.sampling)) for req in joining]
+        self._rows = rows + joined
         logits_NV = out.logits[0]
         return logits_NV if self._logits_to_keep or last_B is None else logits_NV[last_B]
 
@@ -552,7 +572,7 @@ class LocalPolicy:
                 except Exception as exc:  # a failed batch fails its requests, not the worker
                     for req in batch:
                         if not req.future.done():
-                            req.future.set_exception(PolicyError(f"generation failed: {exc!r}"))
+                            req.future.set_exception(EngineError(f"generation failed: {exc!r}"))
                     continue
                 for req, result in zip(batch, results, strict=True):
                     if not req.future.done():
@@ -579,6 +599,7 @@ class LocalPolicy:
         tokens: list[list[int]] = [[] for _ in batch]
         logprobs: list[list[float]] = [[] for _ in batch]
         finish = ["" for _ in batch]
+        stops = [self._stop_scanner(r.sampling) for r in batch]
         pos_B1 = pos_BT[:, -1:]
         for _ in range(max(max_new)):
             self.decode_steps += 1
@@ -588,7 +609,7 @@ class LocalPolicy:
                     continue
                 tokens[b].append(t)
                 logprobs[b].append(lp)
-                finish[b] = self._finished(tokens[b], batch[b].sampling)
+                finish[b] = self._finished(tokens[b], batch[b].sampling, stops[b])
             if all(finish):
                 break
             attn_BT = torch.cat([attn_BT, attn_BT.new_ones((B, 1))], dim=1)
@@ -603,5 +624,40 @@ class LocalPolicy:
         return [(tokens[b], logprobs[b], finish[b] or "length") for b in range(B)]
 
 
-def _hits_stop(text: str, stops: list[str]) -> bool:
-    return any(stop and text.endswith(stop) for stop in stops)
+class StopScanner:
+    """Finds stop strings in a completion as its tokens arrive, decoding only the newest tokens.
+
+    Each call decodes a short window of the latest tokens (vLLM's incremental detokenizer: the
+    text a new token adds is what the window decodes to beyond the window without it, which
+    keeps a tokenizer's word-leading spaces right, and waits while a character's bytes are
+    incomplete). A stop is looked for in that new text plus the last (longest stop - 1)
+    characters before it, so one that spans tokens or lies anywhere inside one token is found.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self.decode = tokenizer.decode
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.tail = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def hit(self, tokens: list[int]) -> bool:
+        """Whether the text up to the newest of `tokens` (all of them, in order, one call each) holds a stop."""
+        before = self.decode(tokens[self.prefix_offset : self.read_offset])
+        after = self.decode(tokens[self.prefix_offset :])
+        window = self.tail + after[len(before) :]
+        if any(stop in window for stop in self.stops):
+            return True
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            # complete text: move on; otherwise (no text yet, or a character whose bytes are
+            # incomplete) the same tokens are decoded again with the next one
+            self.prefix_offset, self.read_offset = self.read_offset, len(tokens)
+            self.tail = window[-self.keep :] if self.keep else ""
+        return False
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string (as OpenAI and vLLM return it)."""
+    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
+    return text[: min(hits)] if hits else text

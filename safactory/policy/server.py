@@ -7,8 +7,9 @@
   OpenAI function format, `n`, `temperature`, `top_p`, `max_tokens` / `max_completion_tokens`,
   `stop`, `logprobs` / `top_logprobs`. The answer is OpenAI's shape plus a top-level `safactory`
   object carrying what a training client needs and text cannot give back: the exact prompt token
-  ids, each choice's sampled token ids and behaviour log-probs, and the policy version. vLLM's
-  `return_token_ids` (top-level `prompt_token_ids`, per-choice `token_ids`) and
+  ids, each choice's sampled token ids and behaviour log-probs, and the policy version (per
+  choice also `policy_versions`: every version it touched, several when weights were swapped
+  mid-request). vLLM's `return_token_ids` (top-level `prompt_token_ids`, per-choice `token_ids`) and
   `return_tokens_as_token_ids` (`token_id:<id>` token strings) are honoured too.
 * `POST /v1/completions`: a raw `prompt` (string, token ids, or a list of either), `max_tokens`
   (0 allowed), `echo`, `logprobs`, and vLLM's `prompt_logprobs`; with `echo` and `logprobs` the
@@ -21,7 +22,10 @@
 
 Errors come back in OpenAI's shape (`{"error": {"message", "type", ...}}`): a bad request is a 400,
 a PolicyError a 400 unless it carries a `status_code` (an EndpointError: 503 when the upstream is
-down). Every endpoint takes an optional bearer token (401 without it). The assistant message's
+down; the local engine failing under a request: 500, or 503 once it was closed), anything
+unexpected a 500, so clients retry server faults and only bad requests are final. A client that
+disconnects while its request generates gets its generation cancelled (the rows leave the
+batch). Every endpoint takes an optional bearer token (401 without it). The assistant message's
 `content` is the text the model wrote, also when it called tools, so an agent that sends the
 message back re-renders the exact same tokens.
 
@@ -38,15 +42,16 @@ lists only the sampled token), `seed` (the policy's own generator decides), and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 import uvicorn
@@ -54,8 +59,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safactory.data.store import TrajectoryStore
+from safactory.loopback import LoopbackHostGuard, is_loopback_host
 from safactory.policy.base import Completion, Policy, PolicyError, SamplingParams
 from safactory.policy.chat import PlainTextChat, tokenizer_fingerprint
 from safactory.policy.local import LocalPolicy
@@ -76,6 +83,7 @@ from safactory.types import (
 log = logging.getLogger(__name__)
 
 MAX_N = 64
+T = TypeVar("T")
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -87,6 +95,10 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.kind = kind
+
+
+def _error_kind(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
 
 
 def _error_response(status: int, message: str, kind: str) -> JSONResponse:
@@ -183,6 +195,10 @@ def _arguments(raw: Any, where: str) -> dict[str, Any]:
             value = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise APIError(400, f"{where}: arguments are not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise APIError(400, f"{where}: arguments are not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # e.g. an integer over Python's digit limit
+            raise APIError(400, f"{where}: arguments are not valid JSON ({exc})") from None
         if isinstance(value, dict):
             return value
     raise APIError(400, f"{where}: arguments must be a JSON object")
@@ -235,10 +251,21 @@ def tools_from_openai(raw: list[dict[str, Any]] | None) -> list[ToolSpec]:
         if not fn.get("name"):
             raise APIError(400, f"tools[{i}]: the function needs a name")
         params = fn.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise APIError(400, f"tools[{i}]: parameters must be a JSON Schema object")
+        _check_parameters(params, f"tools[{i}].function.parameters")
         specs.append(ToolSpec(name=str(fn["name"]), description=str(fn.get("description") or ""), parameters=params))
     return specs
+
+
+def _check_parameters(params: Any, where: str) -> None:
+    """A tool's parameters must be a JSON Schema object whose `properties` and `required` we can read."""
+    if not isinstance(params, dict):
+        raise APIError(400, f"{where} must be a JSON Schema object")
+    props = params.get("properties", {})
+    if not isinstance(props, dict) or not all(isinstance(v, dict | bool) for v in props.values()):
+        raise APIError(400, f"{where}.properties must be an object mapping each parameter name to a JSON Schema")
+    required = params.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise APIError(400, f"{where}.required must be a list of parameter names")
 
 
 def _call_to_openai(call: ToolCall) -> dict[str, Any]:
@@ -311,6 +338,7 @@ class ProxyRecorder:
                     completion_ids=c.token_ids,
                     logprobs=logprobs,
                     policy_version=c.policy_version,
+                    policy_versions=c.policy_versions or [c.policy_version],
                     temperature=c.temperature,
                     top_p=c.top_p,
                     finish_reason=c.finish_reason,
@@ -364,8 +392,13 @@ def create_policy_app(
     recorder: ProxyRecorder | None = None,
     default_max_tokens: int = 256,
     load_timeout_s: float = 300.0,
+    disconnect_poll_s: float = 0.5,
 ) -> FastAPI:
-    """An OpenAI-compatible FastAPI app around `policy` (see the module docstring)."""
+    """An OpenAI-compatible FastAPI app around `policy` (see the module docstring).
+
+    A generating request checks every `disconnect_poll_s` seconds whether its client is still
+    there; once it is gone, the generation is cancelled and the policy drops its rows.
+    """
     app = FastAPI(title="safactory policy server", docs_url=None, redoc_url=None, openapi_url=None)
     load_lock = asyncio.Lock()
 
@@ -393,7 +426,35 @@ def create_policy_app(
     @app.exception_handler(PolicyError)
     async def _policy_error(_request: Request, exc: PolicyError) -> JSONResponse:
         status = int(getattr(exc, "status_code", 400))
-        return _error_response(status, str(exc), "policy_error")
+        return _error_response(status, str(exc), "policy_error" if status < 500 else "server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = _error_response(exc.status_code, str(exc.detail), _error_kind(exc.status_code))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+        # the server re-raises it after this answer, so its traceback is logged there
+        return _error_response(500, f"internal server error: {exc!r}", "server_error")
+
+    async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+        """Await `work` as a task; if the client goes away first, cancel it (the policy drops its rows)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=disconnect_poll_s)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    raise APIError(499, "the client closed the request; its generation was cancelled")
+        finally:
+            if not task.done():  # this handler itself was cancelled
+                task.cancel()
 
     def current_version() -> int | None:
         version = getattr(policy, "version", None)
@@ -411,12 +472,18 @@ def create_policy_app(
             return tok.decode([token_id], skip_special=False)
         return f"token_id:{token_id}"
 
-    def default_chat_max_tokens(messages: list[Message]) -> int:
-        """`default_max_tokens`, capped (like vLLM) by what is left of the model's context."""
-        chat = getattr(policy, "chat", None)
+    def default_chat_max_tokens(messages: list[Message], tools: list[ToolSpec]) -> int:
+        """`default_max_tokens`, capped (like vLLM) by what is left of the model's context.
+
+        Any chat renderer with `prompt_ids` counts (plain text or a chat template), tools included.
+        """
+        prompt_ids = getattr(getattr(policy, "chat", None), "prompt_ids", None)
         positions = getattr(policy, "max_positions", None)
-        if isinstance(chat, PlainTextChat) and isinstance(positions, int):
-            room = positions - len(chat.prompt_ids(messages))
+        if callable(prompt_ids) and isinstance(positions, int):
+            try:
+                room = positions - len(prompt_ids(messages, tools))
+            except Exception:  # a prompt that cannot render fails in generate, with its own error
+                return default_max_tokens
             if room > 0:
                 return min(default_max_tokens, room)
         return default_max_tokens
@@ -436,7 +503,7 @@ def create_policy_app(
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> dict[str, Any]:
+    async def chat_completions(body: ChatRequest, request: Request) -> dict[str, Any]:
         check_model(body.model)
         if body.stream:
             raise APIError(400, "streaming is not supported by this server; send stream=false")
@@ -446,12 +513,13 @@ def create_policy_app(
         sampling = SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            max_tokens=body.max_completion_tokens or body.max_tokens or default_chat_max_tokens(messages),
+            max_tokens=body.max_completion_tokens or body.max_tokens or default_chat_max_tokens(messages, tools),
             stop=_stops(body.stop),
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         started = time.time()
-        completions = list(await asyncio.gather(*(policy.generate(messages, tools, sampling) for _ in range(body.n))))
+        work = asyncio.gather(*(policy.generate(messages, tools, sampling) for _ in range(body.n)))
+        completions = list(await unless_disconnected(request, work))
         duration = time.time() - started
 
         as_ids = bool(body.return_tokens_as_token_ids)
@@ -491,6 +559,7 @@ def create_policy_app(
                     "token_ids": c.token_ids,
                     "logprobs": c.logprobs,
                     "policy_version": c.policy_version,
+                    "policy_versions": c.policy_versions or [c.policy_version],
                     "finish_reason": c.finish_reason,
                     "parse_error": policy_parse_error,
                     "temperature": c.temperature,
@@ -537,7 +606,7 @@ def create_policy_app(
         return response
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> dict[str, Any]:
+    async def completions(body: CompletionRequest, request: Request) -> dict[str, Any]:
         check_model(body.model)
         if body.stream:
             raise APIError(400, "streaming is not supported by this server; send stream=false")
@@ -565,7 +634,7 @@ def create_policy_app(
             outs = await asyncio.gather(*(policy.generate_ids(ids, sampling) for _ in range(body.n)))
             return (scored[0] if scored else None), (scored[1] if scored else None), list(outs)
 
-        results = await asyncio.gather(*(one_prompt(ids) for ids in prompts))
+        results = await unless_disconnected(request, asyncio.gather(*(one_prompt(ids) for ids in prompts)))
         choices: list[dict[str, Any]] = []
         extra_choices: list[dict[str, Any]] = []
         n_completion = 0
@@ -605,6 +674,7 @@ def create_policy_app(
                     "token_ids": out_ids,
                     "logprobs": out_lp,
                     "policy_version": c.policy_version,
+                    "policy_versions": c.policy_versions or [c.policy_version],
                     "finish_reason": c.finish_reason,
                 }
                 if prompt_lp is not None:
@@ -744,19 +814,9 @@ def _state_mismatch(current: dict[str, torch.Tensor], new: dict[str, torch.Tenso
 
 
 # ---- binding and serving -----------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen beyond this machine without a token."""
-    if not is_loopback(host) and not token:
+    if not is_loopback_host(host) and not token:
         raise ValueError(
             f"refusing to serve the policy on non-loopback host {host!r} without a token: "
             "anyone who can reach it could sample from the model and load weights from any path. "
@@ -778,7 +838,9 @@ def serve_policy(
     loaded = load_policy_model(str(model_dir))
     model = loaded.model.to(device) if device is not None else loaded.model
     policy = LocalPolicy(model, loaded.chat)
-    app = create_policy_app(policy, model_name=model_name or Path(model_dir).resolve().name, token=token)
+    app: Any = create_policy_app(policy, model_name=model_name or Path(model_dir).resolve().name, token=token)
+    if not token:  # loopback only: refuse requests that a web page made through DNS rebinding
+        app = LoopbackHostGuard(app)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -837,7 +899,6 @@ __all__ = [
     "check_bind",
     "create_policy_app",
     "create_proxy_app",
-    "is_loopback",
     "messages_from_openai",
     "serve_policy",
     "tools_from_openai",
