@@ -240,6 +240,15 @@ def test_rollout_command_with_a_saved_tiny_model(tmp_path: Path, tiny) -> None:
     assert all(1 <= len(t.steps) <= 2 for t in trajs)
     assert all(s.trace is not None and s.trace.logprobs for t in trajs for s in t.steps)
     store.close()
+    code, output = invoke(
+        "--env", "arith", "--policy", str(tmp_path / "model"), "--episodes", "4", "--db", str(tmp_path / "b.db"),
+        "--max-turns", "4", "--max-tokens", "12", "--max-total-tokens", "15",
+    )  # fmt: skip
+    assert code == 0, output
+    store, trajs = stored(tmp_path / "b.db")
+    assert all(sum(len(s.trace.completion_ids) for s in t.steps) <= 15 for t in trajs)
+    assert any(t.termination == "token_limit" for t in trajs) or all(len(t.steps) == 1 for t in trajs)
+    store.close()
 
 
 def test_rollout_command_rejects_bad_input(tmp_path: Path) -> None:

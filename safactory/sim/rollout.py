@@ -253,11 +253,14 @@ class RolloutConfig:
     temperature: float = 1.0
     seed: int = 0
     max_tokens: int = 64
+    max_total_tokens: int | None = None  # None: max_tokens on every turn the turn limit allows
 
     def __post_init__(self) -> None:
         for name in ("episodes", "concurrency", "group_size", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, not {self.max_total_tokens}")
         if self.max_turns is not None and self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, not {self.max_turns}")
         if self.temperature < 0:
@@ -372,7 +375,12 @@ async def rollout(
     policy = make_policy(config.policy, entry, config.seed)
     if limits is None:
         env_turns = entry.spec.max_turns if entry.spec is not None else 1_000_000
-        limits = EpisodeLimits(max_turns=config.max_turns or env_turns, max_tokens_per_turn=config.max_tokens)
+        turns = config.max_turns or env_turns
+        limits = EpisodeLimits(
+            max_turns=turns,
+            max_tokens_per_turn=config.max_tokens,
+            max_total_tokens=config.max_total_tokens or config.max_tokens * turns,
+        )
     sampling = SamplingParams(temperature=config.temperature, max_tokens=limits.max_tokens_per_turn)
 
     run_id = f"rollout-{uuid7()}"
@@ -487,6 +495,10 @@ def rollout_command(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the episodes and of the policy")] = 0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens per turn for model policies")] = 64,
+    max_total_tokens: Annotated[
+        int | None,
+        typer.Option("--max-total-tokens", min=1, help="Tokens per episode (default: --max-tokens x the turn limit)"),
+    ] = None,
 ) -> None:
     """Run episodes of one environment against one policy, store every trajectory and print a summary."""
     try:
@@ -502,6 +514,7 @@ def rollout_command(
             temperature=temperature,
             seed=seed,
             max_tokens=max_tokens,
+            max_total_tokens=max_total_tokens,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
