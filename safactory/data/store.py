@@ -217,6 +217,7 @@ gate_decisions = Table(
     Column("created_at", Float, nullable=False),
 )
 
+_SQLITE_BUSY_S = 60.0
 _OPEN_ATTEMPTS = 5  # tries at setting up the schema when other processes open the same new store
 _UPGRADABLE = {3}  # store schemas opened as they are and marked as SCHEMA_VERSION
 
@@ -370,7 +371,10 @@ class TrajectoryStore:
         self._task_hashes = TaskHashes()
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url)
+        # SQLite: a writer waits up to a minute for another process's transaction (the driver's 5 s
+        # default fails a second writer during one long batch with "database is locked")
+        connect_args = {"timeout": _SQLITE_BUSY_S} if url.startswith("sqlite") else {}
+        self.engine: Engine = create_engine(url, connect_args=connect_args)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         for attempt in range(1, _OPEN_ATTEMPTS + 1):
