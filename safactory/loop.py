@@ -43,7 +43,7 @@ from safactory.data.integrity import code_version, weights_hash
 from safactory.data.judges import RuleSafetyJudge, SafetyVerdict, safety_reward
 from safactory.data.store import TrajectoryStore
 from safactory.data.writer import StoreWriter
-from safactory.evaluation import env_metrics, flat, overall
+from safactory.evaluation import env_metrics, flat, fmt_rate, overall
 from safactory.evolve.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from safactory.evolve.gate import Gate
 from safactory.evolve.imitation import ImitationPool
@@ -107,6 +107,19 @@ class EnvSlot:
     demos: int
     expert: dict[str, Any]
 
+
+
+def group_fate(group: list[Trajectory], version: int, eta: int, refused: set[int]) -> str:
+    """What the trainer at policy `version` does with a finished group: "train" it, or drop it as
+    "refused" (a candidate the gate refused sampled some of it) or "stale" (the oldest version that
+    sampled any of its tokens is more than `eta` versions behind: a slow group, as groups are
+    taken in the order they finish)."""
+    versions = {v for t in group for v in t.policy_versions()}
+    if versions & refused:
+        return "refused"
+    if versions and version - min(versions) > eta:
+        return "stale"
+    return "train"
 
 @dataclass
 class Learner:
@@ -475,11 +488,13 @@ class Factory:
         else:
             self.summary["phases"][key] = metrics
         self.metrics.log({"policy_version": learner.policy.version, **flat(key, metrics)})
-        envs = "  ".join(f"{n} {e['success_rate']:.2f}/{e['unsafe_rate']:.2f}" for n, e in per_env.items())
+        envs = "  ".join(
+            f"{n} {fmt_rate(e['success_rate'], 2)}/{fmt_rate(e['unsafe_rate'], 2)}" for n, e in per_env.items()
+        )
         self.console.log(
             f"[{learner.name}] held-out after {label} (v{learner.policy.version}): success "
-            f"{metrics['success_rate']:.3f}, unsafe {metrics['unsafe_rate']:.3f}, benign success "
-            f"{metrics['benign_success_rate']:.3f}  [{envs}] (success/unsafe)"
+            f"{fmt_rate(metrics['success_rate'])}, unsafe {fmt_rate(metrics['unsafe_rate'])}, benign success "
+            f"{fmt_rate(metrics['benign_success_rate'])}  [{envs}] (success/unsafe)"
         )
         return metrics
 
@@ -521,8 +536,11 @@ class Factory:
 
     # ---- checkpoints and resume ------------------------------------------------------
     def _checkpoint(self, learner: Learner, stage_step: int) -> None:
+        name = f"step-{learner.trainer.step:06d}"
         if learner.deployed.get("checkpoint") is None or learner.deployed["version"] == learner.policy.version:
-            learner.deployed["checkpoint"] = f"step-{learner.trainer.step:06d}"
+            learner.deployed["checkpoint"] = name
+        elif learner.deployed["checkpoint"] == name:  # would replace the deployed weights with undeployed ones
+            raise RuntimeError(f"refusing to overwrite the deployed checkpoint {name} with v{learner.policy.version}")
         path = save_checkpoint(
             learner.checkpoints,
             model=learner.trainer.model,
@@ -694,7 +712,7 @@ class Factory:
             if groups:
                 self.console.log(f"[{learner.name}] {len(groups)} stored {name} groups from before the crash reused")
         refused = self._refused_versions(learner)
-        discarded = 0
+        discarded = stale = 0
         if spec.stage == "rl" and cfg.ref_kl > 0:
             learner.trainer.ref_model = self._reference(learner)
             learner.trainer.kl_coef = cfg.ref_kl
@@ -746,15 +764,17 @@ class Factory:
                     taken = 0
                     while taken < n:
                         group = self.store.get(await self._next_group(ready[name], producers[name]))
-                        if refused and any(v in refused for t in group for v in t.policy_versions()):
-                            # sampled by a candidate the gate refused: left unconsumed in the store, and its
-                            # admission slot is given back so the rolled-back policy samples a replacement
-                            discarded += 1
-                            admissions[name].started -= 1
-                            admissions[name].notify()
+                        fate = group_fate(group, learner.policy.version, cfg.eta, refused)
+                        if fate == "train":
+                            groups.append(group)
+                            taken += 1
                             continue
-                        groups.append(group)
-                        taken += 1
+                        # left unconsumed in the store, and its admission slot is given back so that
+                        # the current policy samples a replacement
+                        discarded += fate == "refused"
+                        stale += fate == "stale"
+                        admissions[name].started -= 1
+                        admissions[name].notify()
                 t1 = time.perf_counter()
                 if cfg.warmup_steps > 0:
                     learner.trainer.set_lr(spec.lr * min(1.0, step / cfg.warmup_steps))
@@ -779,7 +799,7 @@ class Factory:
                     admission.notify()
                 t2 = time.perf_counter()
                 wait_s, train_s = wait_s + (t1 - t0), train_s + (t2 - t1)
-                gaps = [trained_version - max(t.policy_versions(), default=trained_version) for t in trajs]
+                gaps = [trained_version - min(t.policy_versions(), default=trained_version) for t in trajs]
                 episodes += len(trajs)
                 self.summary[f"{spec.stage}_episodes"] = episodes
                 if spec.stage == "rl":
@@ -802,6 +822,7 @@ class Factory:
                         "train/groups_used": batch.groups_used,
                         "train/groups_dropped": batch.groups_dropped,
                         "train/groups_discarded": discarded,
+                        "train/groups_stale": stale,
                         "train/idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
                         "rollout/idle_fraction": occupancy.fraction(),
                         "rollout/episodes": episodes,
@@ -839,6 +860,7 @@ class Factory:
             "trainer_idle_fraction": wait_s / max(wait_s + train_s, 1e-9),
             "rollout_idle_fraction": occupancy.fraction(),
             "groups_discarded": discarded,
+            "groups_stale": stale,
         }
 
     def _refused_versions(self, learner: Learner) -> set[int]:
@@ -874,6 +896,8 @@ class Factory:
                 assert spec.teacher is not None
                 extra = distill(seqs, spec.teacher.score(seqs), kl_coef=spec.kl_coef, env_weight=spec.env_weight)
             stats = {**learner.trainer.train_step(seqs, spec.objective, cfg.clip_eps, cfg.behaviour_cap), **extra}
+        else:  # every group dropped: the step still counts, so its consumption and checkpoint have their own number
+            learner.trainer.step += 1
         if imitation:
             stats["imitation_nll"] = learner.trainer.imitate(imitation, cfg.imitation_lr)
         return stats
@@ -931,8 +955,8 @@ class Factory:
             for k in columns:
                 m = heldout[k] if name == "overall" else heldout[k]["envs"].get(name, {})
                 cells.append(
-                    f"{m.get('success_rate', 0):.2f} / {m.get('unsafe_rate', 0):.2f} / "
-                    f"{m.get('benign_success_rate', 0):.2f}"
+                    f"{fmt_rate(m.get('success_rate', 0), 2)} / {fmt_rate(m.get('unsafe_rate', 0), 2)} / "
+                    f"{fmt_rate(m.get('benign_success_rate', 0), 2)}"
                 )
             table.add_row(name, *cells)
         self.console.print(table)

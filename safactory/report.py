@@ -477,17 +477,58 @@ def _metrics_block(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _gate_decision(rows: list[dict[str, Any]], i: int, until: int) -> bool | None:
+    """The gate's decision on the evaluation in row `i` (None: it was not gated).
+
+    The Factory logs `{"gate/accepted", "gate/candidate_version"}` right after each gated
+    evaluation (rl@N, rl, student:final), the candidate being the evaluated version. Rows
+    carry old values forward, so a decision is a row before the next evaluation (`until`)
+    that names this version and is new: the row right after the evaluation, or one whose
+    gate values differ from those the evaluation row carried.
+    """
+    version = rows[i].get("policy_version")
+    if version is None:
+        return None
+    carried = (rows[i].get("gate/candidate_version"), rows[i].get("gate/accepted"))
+    for j in range(i + 1, until):
+        accepted = rows[j].get("gate/accepted")
+        if rows[j].get("gate/candidate_version") != version or not isinstance(accepted, bool):
+            continue
+        if j == i + 1 or (version, accepted) != carried:
+            return accepted
+    return None
+
+
 def heldout_from_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A warm-start/final pair rebuilt from the log's evaluation rows (for runs without a summary)."""
-    points = [rows[i] for i in evals_by_learner(rows, eval_rows(rows)).get("", [])]
-    points = [r for r in points if any(_finite(r.get(f"eval/{m}")) is not None for m in RATES)]
+    """A warm-start/final pair rebuilt from the log's evaluation rows (for runs without a summary).
+
+    As the Factory's summary has them: the warm start is the `sft` evaluation (else `init`,
+    else the first one); the final is the last evaluation that the gate accepted, i.e. the
+    version deployed at the end (the warm start when the gate accepted none). A log without
+    gate decisions (RL off, or stopped before its first gate) falls back to the latest
+    evaluation.
+    """
+    every = eval_rows(rows)
+    points = evals_by_learner(rows, every).get("", [])
+    points = [i for i in points if any(_finite(rows[i].get(f"eval/{m}")) is not None for m in RATES)]
     if not points:
         return {}
-    warm = next((r for r in points if r.get("eval/phase") == "warm_start"), points[0])
-    final = next((r for r in reversed(points) if r.get("eval/phase") == "final"), points[-1])
+    by_label = {rows[i].get("eval/phase"): i for i in points}  # the last evaluation of each label
+    warm = by_label.get("sft", by_label.get("init", points[0]))
+    decisions = {}
+    for i in points:
+        until = next((k for k in every if k > i), len(rows))
+        decision = _gate_decision(rows, i, until)
+        if decision is not None:
+            decisions[i] = decision
+    if decisions:
+        final = max((i for i, accepted in decisions.items() if accepted), default=warm)
+    else:
+        final = points[-1]
     envs = env_ids(rows)
 
-    def block(row: dict[str, Any]) -> dict[str, Any]:
+    def block(i: int) -> dict[str, Any]:
+        row = rows[i]
         return {
             **{m: row.get(f"eval/{m}") for m in RATES},
             "policy_version": row.get("policy_version"),
@@ -496,7 +537,7 @@ def heldout_from_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         }
 
     out = {"warm_start": block(warm)}
-    if final is not warm:
+    if final != warm or decisions:  # gated but nothing accepted: the warm start is what stayed deployed
         out["final"] = block(final)
     return out
 

@@ -111,3 +111,41 @@ def test_rl_objectives_run_in_the_loop(tmp_path, objective):
         assert abs(trained[0]["train/reverse_kl"]) < 1e-4
     else:
         assert trained[-1]["train/proximal_behaviour_mismatch"] is not None
+
+
+def test_steps_with_every_group_dropped_still_count_and_a_refused_gate_restores_the_deployed_weights(tmp_path):
+    """From an untrained model every group fails alike and is dropped; the imitation update still
+    changes the weights. Each RL step must still get its own number (consumption, checkpoint), so
+    the deployed checkpoint is never overwritten, and a gate that refuses everything rolls back to it."""
+    from safactory.data.integrity import weights_hash
+    from safactory.loop import Factory
+    from tests.factory_runs import ARITH
+
+    overrides = [
+        *ARITH,
+        "env.train_tasks=20",
+        "env.test_tasks=4",
+        "sft.enabled=false",
+        "sft.demos=8",
+        "rl.steps=2",
+        "rl.tasks_per_step=2",
+        "rl.group_size=2",
+        "rl.eval_every=0",
+        "rl.imitation_lr=1e-2",
+        "rl.imitation_batch=8",
+        "checkpoint_every=1",
+        "rollout.max_tokens_per_turn=8",
+        "rollout.max_turns=2",
+        "gate.max_success_drop=-1",  # refuses every candidate
+    ]
+    out = tmp_path / "run"
+    summary = Factory(load_config("examples/arith.yaml", overrides), out).run()
+    assert not any(d["accepted"] for d in summary["gate"])
+    store = TrajectoryStore.in_dir(out)
+    with store.engine.connect() as conn:  # each RL step consumed its groups under a number of its own
+        consumed_steps = conn.execute(text("SELECT DISTINCT train_step FROM consumption")).scalars().all()
+    assert sorted(consumed_steps) == [1, 2]
+    deployed = {c["version"]: c["weights_hash"] for c in store.checkpoints(summary["run_id"])}[0]
+    final, _ = load_model(out / "model")
+    assert weights_hash(final.state_dict()) == deployed
+    store.close()

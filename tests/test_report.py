@@ -4,7 +4,10 @@ import json
 import re
 from pathlib import Path
 
-from safactory.report import build_charts, eval_rows, write_report
+from safactory.evaluation import env_metrics, flat, overall
+from safactory.evolve.gate import Gate
+from safactory.report import build_charts, eval_rows, heldout_from_rows, heldout_table, write_report
+from safactory.types import Task, Trajectory
 
 ENVS = ("arith", "maze")
 
@@ -244,3 +247,51 @@ def test_empty_and_odd_run_dirs(tmp_path):
     (broken / "summary.json").write_text('{"run_id": "abc", "heldout": {')
     page = write_report(broken).read_text()
     assert "summary.json could not be parsed" in page
+
+
+def test_heldout_rebuilt_from_the_factory_labels_and_gate_rows():
+    """The labels the Factory writes: init, sft (the warm start), rl@N and rl, each RL one gated."""
+    rows: list[dict] = []
+
+    def log(values: dict) -> None:
+        rows.append({**(rows[-1] if rows else {}), "time_s": float(len(rows)), **values})
+
+    def ev(label: str, success: float, unsafe: float, version: int) -> None:
+        m = overall(
+            {"ops": {"success_rate": success, "unsafe_rate": unsafe, "benign_success_rate": success, "episodes": 10}}
+        )
+        log({"policy_version": version, **flat(label, m)})
+
+    ev("init", 0.1, 0.5, 0)
+    ev("sft", 0.5, 0.1, 1)
+    ev("rl@10", 0.7, 0.05, 2)
+    log({"gate/accepted": True, "gate/candidate_version": 2})
+    log({"train/step": 11, "policy_version": 3})
+    ev("rl", 0.2, 0.9, 3)
+    log({"gate/accepted": False, "gate/candidate_version": 3})  # refused: v2 stays deployed
+    held = heldout_from_rows(rows)
+    assert (held["warm_start"]["label"], held["warm_start"]["success_rate"]) == ("sft", 0.5)
+    assert (held["final"]["label"], held["final"]["policy_version"], held["final"]["unsafe_rate"]) == ("rl@10", 2, 0.05)
+    # every candidate refused: the warm start is what is deployed at the end
+    refused = [r if r.get("gate/candidate_version") != 2 else {**r, "gate/accepted": False} for r in rows]
+    assert heldout_from_rows(refused)["final"]["label"] == "sft"
+
+
+def test_rates_without_data_are_none_and_left_out_of_the_averages():
+    def traj(category: str, ok: bool) -> Trajectory:
+        task = Task(id="x", env_id="e", split="test", prompt="p", data={"category": category})
+        return Trajectory(task=task, success=ok)
+
+    maze = env_metrics([traj("benign", True)] * 4, lambda t: False)
+    harmful_only = env_metrics([traj("harmful", True)] * 4, lambda t: False)
+    empty = env_metrics([], lambda t: False)
+    assert harmful_only["benign_success_rate"] is None and harmful_only["success_rate"] == 1.0
+    assert empty == {"success_rate": None, "unsafe_rate": None, "benign_success_rate": None, "episodes": 0}
+    both = overall({"maze": maze, "ops": harmful_only, "empty": empty})
+    assert (both["success_rate"], both["unsafe_rate"], both["benign_success_rate"]) == (1.0, 0.0, 1.0)
+    assert overall({"empty": empty})["success_rate"] is None
+    # consumers: the gate skips what it cannot compare, the report shows a dash
+    assert Gate().regressions(both, both) == []
+    assert Gate().regressions({**both, "success_rate": 0.5}, both)[0].startswith("overall: success")
+    page = heldout_table({"warm_start": both, "final": both})
+    assert "<td>—</td>" in page

@@ -31,10 +31,13 @@ class TrainSequence:
     policy_version: int = 0
     proximal_logprobs: list[float] | None = None
     token_advantages: list[float] | None = None
+    behaviour_known: bool = True  # False when a turn came without log-probs (zeros stand in for them)
 
 
 def rl_sequences(traj: Trajectory) -> list[TrainSequence]:
-    """Token-exact sequences of one trajectory (usually one per episode)."""
+    """Token-exact sequences of one trajectory (usually one per episode). A turn recorded without
+    behaviour log-probs gets zeros in their place and marks its sequence `behaviour_known=False`,
+    which the RL objectives refuse (the importance ratio would be meaningless)."""
     out: list[TrainSequence] = []
     current: TrainSequence | None = None
     for step in traj.steps:
@@ -52,6 +55,7 @@ def rl_sequences(traj: Trajectory) -> list[TrainSequence]:
         current.input_ids += extra + tr.completion_ids
         current.loss_mask += [0] * len(extra) + [1] * len(tr.completion_ids)
         current.behaviour_logprobs += [0.0] * len(extra) + list(logprobs)
+        current.behaviour_known = current.behaviour_known and tr.logprobs is not None
         current.policy_version = max(current.policy_version, tr.policy_version)
     return out
 

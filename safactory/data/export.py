@@ -69,7 +69,7 @@ def rl_rows(traj: Trajectory) -> Iterator[dict[str, Any]]:
             "group_id": traj.group_id,
             "input_ids": seq.input_ids,
             "loss_mask": seq.loss_mask,
-            "behaviour_logprobs": seq.behaviour_logprobs,
+            "behaviour_logprobs": seq.behaviour_logprobs if seq.behaviour_known else None,
             "temperature": seq.temperature,
             "policy_version": seq.policy_version,
             "reward": traj.reward,

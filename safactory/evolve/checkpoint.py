@@ -5,7 +5,8 @@ safetensors), the tokenizer, `optimizer.pt` and `checkpoint.json` (version, pare
 version, training step, weights hash, the trajectories consumed so far as a count
 and a hash of their ids, and free-form metadata). It is written to a temporary
 directory and renamed into place, and `latest` is replaced atomically afterwards,
-so a kill -9 at any moment leaves the previous checkpoint intact.
+so a kill -9 at any moment leaves the previous checkpoint intact; a step written again
+(same name) keeps `latest` on a complete copy throughout.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from safactory.data.integrity import weights_hash
 
 META = "checkpoint.json"
+_TMP_NAME = re.compile(r"^\.tmp-(step-\d+)-\d+$")  # a new copy of step-N being written
 
 
 @dataclass
@@ -90,22 +93,39 @@ def save_checkpoint(
     for path in tmp.iterdir():
         with path.open("rb") as f:
             os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # the same step again (say, the periodic checkpoint, then the gate's)
+        # `latest` may point at `final`: point it at the complete new copy before `final` goes,
+        # so a kill at any moment below leaves it on a complete checkpoint (see latest_checkpoint)
+        _point_latest(root, tmp.name)
+        shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "latest")
-    _fsync_dir(root)
+    _point_latest(root, final.name)
     return final
 
 
+def _point_latest(root: Path, name: str) -> None:
+    pointer = root / ".latest.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, root / "latest")
+    _fsync_dir(root)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The directory `root/latest` points at, if it is a complete checkpoint."""
+    """The directory `root/latest` points at, if it is a complete checkpoint.
+
+    While a step's checkpoint is rewritten, `latest` names the new copy's temporary
+    directory until that is renamed into place; a pointer left naming it finds the step's
+    directory instead.
+    """
     pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / META).exists() else None
+    name = pointer.read_text().strip()
+    for candidate in (name, *_TMP_NAME.findall(name)):
+        path = root / candidate
+        if (path / META).exists():
+            return path
+    return None
 
 
 def read_meta(path: Path) -> CheckpointMeta:

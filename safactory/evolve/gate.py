@@ -3,7 +3,8 @@
 The candidate's held-out metrics are compared with those of the version deployed
 now (the baseline). It is refused when its unsafe-action rate rises by more than
 `max_unsafe_increase` or its success rate falls by more than `max_success_drop`,
-overall or in any single env. Every decision, with both sets of metrics and the
+overall or in any single env; a rate that either side lacks (None: no episodes) is
+not compared. Every decision, with both sets of metrics and the
 reasons, is kept (the Factory stores it in the run's store and summary).
 """
 
@@ -42,13 +43,16 @@ class Gate:
         ]
         reasons = []
         for scope, cand, base in scopes:
-            rise = cand["unsafe_rate"] - base["unsafe_rate"]
+            # a rate without data (None: an env with no evaluation episodes) has nothing to compare
+            has_unsafe = cand["unsafe_rate"] is not None and base["unsafe_rate"] is not None
+            has_success = cand["success_rate"] is not None and base["success_rate"] is not None
+            rise = cand["unsafe_rate"] - base["unsafe_rate"] if has_unsafe else 0.0
             if rise > self.max_unsafe_increase + 1e-9:
                 reasons.append(
                     f"{scope}: unsafe rate {base['unsafe_rate']:.3f} -> {cand['unsafe_rate']:.3f} "
                     f"(+{rise:.3f} > {self.max_unsafe_increase})"
                 )
-            drop = base["success_rate"] - cand["success_rate"]
+            drop = base["success_rate"] - cand["success_rate"] if has_success else 0.0
             if drop > self.max_success_drop + 1e-9:
                 reasons.append(
                     f"{scope}: success rate {base['success_rate']:.3f} -> {cand['success_rate']:.3f} "

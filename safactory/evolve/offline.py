@@ -128,6 +128,7 @@ class OfflineTrainer:
             gb = group_batch(list(groups.values()))
             return gb.sequences, "ppo", {"groups_used": gb.groups_used, "mean_reward": gb.mean_reward}
         seqs = [s for t in batch for s in rl_sequences(t)]
+        self.trainer.fill_proximal(seqs)  # the student's own log-probs: stored ones are whoever sampled them
         assert self.teacher is not None
         stats = distill(seqs, self.teacher.score(seqs), kl_coef=job.kl_coef)
         return seqs, "opd", stats

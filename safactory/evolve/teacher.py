@@ -66,13 +66,18 @@ def distill(
     seqs: list[TrainSequence], teacher_logprobs: list[list[float]], kl_coef: float = 1.0, env_weight: float = 0.0
 ) -> dict[str, float]:
     """Set per-token advantages: -kl_coef * (log p_student - log p_teacher) on sampled tokens,
-    plus `env_weight` times the sequence's environment advantage. Returns the mean reverse KL."""
+    plus `env_weight` times the sequence's environment advantage. Returns the mean reverse KL.
+
+    The student's log-probs are its current ones (`proximal_logprobs`, see `Trainer.fill_proximal`)
+    when filled, else the behaviour log-probs the episode was sampled with (the same policy when
+    the student sampled it just now)."""
     total = count = 0.0
     for seq, teacher in zip(seqs, teacher_logprobs, strict=True):
         if len(teacher) != len(seq.input_ids):
             raise ValueError("teacher scores must align with the sequence's tokens")
+        student = seq.proximal_logprobs if seq.proximal_logprobs is not None else seq.behaviour_logprobs
         adv: list[float] = []
-        for m, student_lp, teacher_lp in zip(seq.loss_mask, seq.behaviour_logprobs, teacher, strict=True):
+        for m, student_lp, teacher_lp in zip(seq.loss_mask, student, teacher, strict=True):
             if not m:
                 adv.append(0.0)
                 continue

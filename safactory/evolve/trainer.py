@@ -157,6 +157,11 @@ class Trainer:
             raise ValueError("train_step needs at least one sequence")
         if self.optimizer is None:
             raise ValueError("this trainer's model has no trainable parameters")
+        if objective != "sft" and (unknown := [s.trajectory_id for s in seqs if not s.behaviour_known]):
+            raise ValueError(
+                f"{len(unknown)} sequences (e.g. trajectory {unknown[0]}) have no behaviour log-probs: their policy "
+                "did not return them (an endpoint asked without logprobs?), and RL needs them for its ratios"
+            )
         decoupled = objective in ("decoupled", "opd") and all(s.proximal_logprobs is not None for s in seqs)
         if objective == "decoupled" and not decoupled:
             raise ValueError("the decoupled objective needs proximal log-probs: call fill_proximal first")
