@@ -108,7 +108,6 @@ class EnvSlot:
     expert: dict[str, Any]
 
 
-
 def group_fate(group: list[Trajectory], version: int, eta: int, refused: set[int]) -> str:
     """What the trainer at policy `version` does with a finished group: "train" it, or drop it as
     "refused" (a candidate the gate refused sampled some of it) or "stale" (the oldest version that
@@ -120,6 +119,7 @@ def group_fate(group: list[Trajectory], version: int, eta: int, refused: set[int
     if versions and version - min(versions) > eta:
         return "stale"
     return "train"
+
 
 @dataclass
 class Learner:

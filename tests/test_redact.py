@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from sqlalchemy import select
@@ -283,3 +284,84 @@ def test_decode_catches_secrets_only_the_tokens_hold_and_arguments_count_as_text
     out = redact_trajectory(traj)
     assert out.steps[0].action.tool_calls[0].arguments == {"token": "[REDACTED:secret]"}
     assert [s.trace is None for s in out.steps] == [True, True]
+
+
+# ---- regressions -----------------------------------------------------------------------------------
+def test_sensitive_dict_keys_tolerate_prefixes_case_and_plurals_and_go_whole() -> None:
+    data = {
+        "db_password": "hunter2",
+        "DB_PASSWORD": "hunter2",
+        "api_token": "abc123xyz",
+        "secrets": ["one-secret", "two-secret"],
+        "token": {"value": "abc123xyz"},
+        "password": ["hunter2", 7, None],
+        "max_tokens": 256,
+        "eos_token": "</s>",
+        "num_secrets": 2,
+        "keep": "plain",
+    }
+    out, hits = Redactor().redact_value(data)
+    assert out == {
+        "db_password": "[REDACTED:password]",
+        "DB_PASSWORD": "[REDACTED:password]",
+        "api_token": "[REDACTED:secret]",
+        "secrets": ["[REDACTED:secret]", "[REDACTED:secret]"],
+        "token": {"value": "[REDACTED:secret]"},
+        "password": ["[REDACTED:password]", "[REDACTED:password]", None],
+        "max_tokens": 256,
+        "eos_token": "</s>",
+        "num_secrets": 2,
+        "keep": "plain",
+    }
+    assert hits == 8 and Redactor().redact_value(out) == (out, 0)
+
+
+def test_the_secrets_a_task_declares_leave_the_whole_trajectory(store_url: str) -> None:
+    """ops' password file reads `admin: <pw>`: no pattern knows it, task.data["secrets"] does."""
+    task = next(
+        t for t in OpsTasks(seed=7).tasks("train", 200) if t.data["kind"] == "send_secret" and "passwords" in t.prompt
+    )
+    limits = EpisodeLimits(max_turns=SPEC.max_turns)
+    traj = asyncio.run(
+        run_episode(OpsEnv, OpsExpert(naive=True), task, seed=0, sampling=SamplingParams(), limits=limits, run_id="r")
+    )
+    passwords = task.data["secrets"][1:]
+    assert all(p in traj.model_dump_json() for p in passwords)  # read, mailed, in the task's files
+    out = redact_trajectory(traj)
+    dump = out.model_dump_json()
+    assert not [s for s in task.data["secrets"] if s in dump]
+    assert "admin: [REDACTED:secret]" in out.task.data["files"]["/secrets/passwords.txt"]
+    assert out.task.data["secrets"] == ["[REDACTED:secret]"] * len(task.data["secrets"])
+    assert redact_trajectory(out).model_dump(exclude={"tags"}) == out.model_dump(exclude={"tags"})
+    store = TrajectoryStore(store_url, redactor=Redactor())
+    try:
+        store.create_run("r", {})
+        assert store.add([traj]) == 1
+        (back,) = store.get([traj.id])
+        assert not [s for s in task.data["secrets"] if s in back.model_dump_json()]
+        assert verify(store).ok
+    finally:
+        store.close()
+
+
+def test_a_text_value_runs_to_whitespace_or_its_quote_and_json_stays_json() -> None:
+    assert redact_text("password=Tr0ub4dor;&3xyz next") == ("password=[REDACTED:password] next", 1)
+    assert redact_text("password=abc,defSECRET}") == ("password=[REDACTED:password]", 1)
+    for value in ({"password": 123456, "user": "bob"}, {"body": "password: hunter2\nuser: bob", "n": [1]}):
+        text = json.dumps(value)
+        out, hits = redact_text(text)
+        back = json.loads(out)  # still JSON, the other fields intact
+        assert hits == 1 and "hunter2" not in out and "123456" not in out
+        assert back.get("user", "bob") == "bob" and "user: bob" in back.get("body", "user: bob")
+        assert redact_text(out) == (out, 0)
+
+
+def test_labels_are_not_key_values_and_url_passwords_are() -> None:
+    info = {"unsafe_actions": ["read_secret:/secrets/api_key", "follow_injection:read:/secrets/api_key"]}
+    assert Redactor().redact_value(info) == (info, 0)
+    assert redact_text("send_secret:bob@corp.example") == ("send_secret:[REDACTED:email]", 1)
+    assert redact_text("postgresql://admin:S3cretPass@localhost:5432/app") == (
+        "postgresql://admin:[REDACTED:password]@localhost:5432/app",
+        1,
+    )
+    assert redact_text("see https://example.com:8080/x") == ("see https://example.com:8080/x", 0)

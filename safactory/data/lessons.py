@@ -9,13 +9,20 @@ Lessons come from a deterministic rule-based summariser (`rule_lessons`):
   (`step.info["unsafe_actions"]`), as a "do not" lesson;
 * from a safe success: the tool sequence that worked.
 
+Lesson texts are redacted (`safactory.data.redact`, with the literal secrets the task
+declares in `task.data["secrets"]`) before they are made: tool arguments, error
+messages and flagged targets are quoted in lessons, and lessons are saved to the bank
+and put into later prompts, so no secret of one episode may travel in them. The LLM
+summariser's lessons and its raw reply (kept on a fallback) are redacted the same way.
+
 `LLMSummariser` asks a model behind any OpenAI-compatible endpoint (an
 EndpointPolicy, any Policy, or an `openai` client) for up to a few lessons as
 JSON, and falls back to the rules when the call fails or the reply is unusable.
 
 `LessonBank` keeps lessons in a small JSON file (atomic rewrite on save) or in
 memory. The same lesson text for the same environment is stored once, with a
-support count, the task prompts it came from and the trajectory ids. `retrieve`
+support count (the number of distinct episodes it came from; `episodes` keeps all
+their ids, `sources` the first 50), the task prompts it came from. `retrieve`
 returns the top-k lessons of an environment by token overlap (Jaccard) between
 the new task's prompt and the prompts the lesson came from, then by support.
 
@@ -46,6 +53,7 @@ from safactory.data.judges import (
     run_sync,
     unsafe_by_env,
 )
+from safactory.data.redact import Redactor
 from safactory.policy.base import Completion, Policy, SamplingParams
 from safactory.types import Message, Task, ToolSpec, Trajectory, sha256_hex
 
@@ -75,6 +83,7 @@ LABEL_ADVICE = {
     "delete_protected": "never delete protected files; refuse such requests",
     "write_protected": "never change protected files; refuse such requests",
 }
+_REDACTOR = Redactor()  # lessons quote arguments and errors: what they quote is redacted first
 
 
 class Lesson(BaseModel):
@@ -86,6 +95,7 @@ class Lesson(BaseModel):
     text: str
     prompts: list[str] = Field(default_factory=list)
     sources: list[str] = Field(default_factory=list)
+    episodes: list[str] = Field(default_factory=list)  # every distinct source id (sources: the first few)
     support: int = 1
     origin: Literal["rules", "llm"] = "rules"
     created_at: float = 0.0
@@ -109,6 +119,7 @@ class Lesson(BaseModel):
             text=text,
             prompts=[traj.task.prompt] if traj is not None else [],
             sources=[traj.id] if traj is not None else [],
+            episodes=[traj.id] if traj is not None else [],
             origin=origin,
             created_at=time.time(),
             meta=dict(meta or {}),
@@ -125,7 +136,10 @@ def _short(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _call_text(name: str, arguments: dict[str, Any]) -> str:
+def _call_text(name: str, arguments: dict[str, Any], redactor: Redactor | None = None) -> str:
+    """`name(arguments)`, short; with `redactor`, its secrets redacted before anything is cut."""
+    if redactor is not None:
+        arguments, _ = redactor.redact_value(arguments)
     if not arguments:
         return f"{name}()"
     if len(arguments) == 1:
@@ -146,13 +160,25 @@ def _sequence(names: list[str]) -> str:
     return " -> ".join(parts)
 
 
-def rule_lessons(traj: Trajectory) -> list[Lesson]:
-    """Deterministic lessons from one episode (the same episode always gives the same texts)."""
+def lesson_redactor(traj: Trajectory, redactor: Redactor | None = None) -> Redactor:
+    """The redactor for the lessons of one episode: `redactor` (default: all default patterns) plus
+    the literal secrets its task declares."""
+    return (redactor if redactor is not None else _REDACTOR).for_trajectory(traj)
+
+
+def rule_lessons(traj: Trajectory, redactor: Redactor | None = None) -> list[Lesson]:
+    """Deterministic lessons from one episode (the same episode always gives the same texts).
+
+    Secrets in what the lessons quote are redacted (see the module docstring)."""
     env = traj.env_id or traj.task.env_id
     out: list[Lesson] = []
+    red = lesson_redactor(traj, redactor)
+
+    def clean(text: str) -> str:
+        return red.redact_text(str(text))[0]
 
     def add(kind: LessonKind, text: str) -> None:
-        lesson = Lesson.make(env, kind, text, traj)
+        lesson = Lesson.make(env, kind, clean(text), traj)
         if all(lesson.id != seen.id for seen in out):
             out.append(lesson)
 
@@ -160,7 +186,8 @@ def rule_lessons(traj: Trajectory) -> list[Lesson]:
     for step in traj.steps:
         for label in step.info.get("unsafe_actions") or []:
             kind, _, target = str(label).partition(":")
-            calls = ", ".join(_call_text(c.name, c.arguments) for c in step.action.tool_calls) or "this action"
+            target = clean(target)
+            calls = ", ".join(_call_text(c.name, c.arguments, red) for c in step.action.tool_calls) or "this action"
             advice = LABEL_ADVICE.get(kind, "do not repeat it")
             where = f" ({_short(target, 60)})" if target and target not in calls else ""
             add("safety", f"Unsafe: {calls} was flagged as {kind}{where}; {advice}.")
@@ -174,13 +201,13 @@ def rule_lessons(traj: Trajectory) -> list[Lesson]:
             if step.error:
                 add(
                     "failure",
-                    f"A reply could not be used as a tool call ({_short(step.error, 80)}); "
+                    f"A reply could not be used as a tool call ({_short(clean(step.error), 80)}); "
                     "answer with exactly one well-formed tool call.",
                 )
             for message in step.observation:
                 if not message.content.lower().startswith("error"):
                     continue
-                error = _short(message.content.split(":", 1)[-1].strip(), 100)
+                error = _short(clean(message.content.split(":", 1)[-1].strip()), 100)
                 if message.role == "tool" and message.name:
                     add("failure", f"Calling {message.name} failed with '{error}'; check its arguments first.")
                 else:
@@ -194,7 +221,7 @@ def rule_lessons(traj: Trajectory) -> list[Lesson]:
             )
         elif traj.termination == "terminated" and traj.steps and not unsafe and not out:
             last = traj.steps[-1].action.tool_calls
-            ending = _call_text(last[-1].name, last[-1].arguments) if last else "the last reply"
+            ending = _call_text(last[-1].name, last[-1].arguments, red) if last else "the last reply"
             add("failure", f"Ending with {ending} did not solve the task; verify the result before finishing.")
     return out
 
@@ -208,7 +235,10 @@ with at most MAX lessons."""
 
 
 class LLMSummariser:
-    """Lessons from a model behind an OpenAI-compatible endpoint, falling back to `rule_lessons`."""
+    """Lessons from a model behind an OpenAI-compatible endpoint, falling back to `rule_lessons`.
+
+    `redactor`: what lesson texts (and a kept raw reply) are redacted with, plus the task's own
+    literal secrets (default: all default patterns)."""
 
     def __init__(
         self,
@@ -220,8 +250,10 @@ class LLMSummariser:
         temperature: float = 0.0,
         instructions: str = SUMMARY_INSTRUCTIONS,
         max_chars: int = 8000,
+        redactor: Redactor | None = None,
     ) -> None:
         self.client = client
+        self.redactor = redactor
         self.model = client_model(client, model)
         self._explicit_model = model
         self.max_lessons = max_lessons
@@ -239,6 +271,7 @@ class LLMSummariser:
     def parse(self, traj: Trajectory, raw: str) -> list[Lesson] | None:
         """Lessons from a reply, or None when it holds no usable lessons."""
         env = traj.env_id or traj.task.env_id
+        red = lesson_redactor(traj, self.redactor)
         default: LessonKind = "success" if traj.success and not unsafe_by_env(traj) else "failure"
         for obj in json_objects(raw):
             items = obj.get("lessons")
@@ -249,11 +282,12 @@ class LLMSummariser:
                 text, kind = (item, default) if isinstance(item, str) else (None, default)
                 if isinstance(item, dict):
                     text = item.get("text")
-                    kind = item.get("kind") if item.get("kind") in _KIND_ORDER else default
+                    given = item.get("kind")
+                    kind = given if isinstance(given, str) and given in _KIND_ORDER else default
                 if not isinstance(text, str) or not 8 <= len(text.strip()) <= MAX_LESSON_CHARS:
                     continue
                 meta = {"model": self.model}
-                lessons.append(Lesson.make(env, kind, text, traj, origin="llm", meta=meta))
+                lessons.append(Lesson.make(env, kind, red.redact_text(text)[0], traj, origin="llm", meta=meta))
             if lessons:
                 return lessons
         return None
@@ -269,7 +303,10 @@ class LLMSummariser:
             )
         except Exception as exc:  # the fallback is the point: rules never need an endpoint
             return self._fallback(traj, f"call failed: {type(exc).__name__}: {exc}")
-        lessons = self.parse(traj, raw)
+        try:
+            lessons = self.parse(traj, raw)
+        except Exception as exc:  # a reply of an unexpected shape: the rules still give lessons
+            return self._fallback(traj, f"unusable reply: {type(exc).__name__}: {exc}", raw)
         return lessons if lessons is not None else self._fallback(traj, "unusable reply", raw)
 
     def summarise(self, traj: Trajectory) -> list[Lesson]:
@@ -282,11 +319,12 @@ class LLMSummariser:
         return run_sync(go())
 
     def _fallback(self, traj: Trajectory, why: str, raw: str | None = None) -> list[Lesson]:
-        lessons = rule_lessons(traj)
+        lessons = rule_lessons(traj, self.redactor)
+        red = lesson_redactor(traj, self.redactor)
         for lesson in lessons:
-            lesson.meta.update({"llm_error": why[:500], "model": self.model})
+            lesson.meta.update({"llm_error": red.redact_text(why[:500])[0], "model": self.model})
             if raw is not None:
-                lesson.meta["llm_raw"] = raw[:2000]
+                lesson.meta["llm_raw"] = red.redact_text(str(raw)[:2000])[0]
         return lessons
 
 
@@ -325,17 +363,27 @@ class LessonBank:
         return [lesson for lesson in self._lessons.values() if env_id is None or lesson.env_id == env_id]
 
     def add(self, lessons: Iterable[Lesson]) -> int:
-        """Add lessons; one already present (same env, kind and text) gains support instead. Returns new ones."""
+        """Add lessons; one already present (same env, kind and text) gains support instead. Returns new ones.
+
+        Support counts distinct episodes: an episode already counted for a lesson adds nothing,
+        however many sources the lesson lists."""
         new = 0
         for lesson in lessons:
             have = self._lessons.get(lesson.id)
             if have is None:
-                self._lessons[lesson.id] = lesson.model_copy(deep=True)
+                stored = lesson.model_copy(deep=True)
+                stored.episodes = _episode_ids(stored)
+                self._lessons[lesson.id] = stored
                 new += 1
                 continue
-            if lesson.sources and set(lesson.sources) <= set(have.sources):
-                continue  # the same episode again
-            have.support += lesson.support
+            have.episodes = _episode_ids(have)  # a lesson from a bank written before `episodes`
+            ids = _episode_ids(lesson)
+            known = set(have.episodes)
+            fresh = [i for i in ids if i not in known]
+            if ids and not fresh:
+                continue  # the same episodes again
+            have.support += max(lesson.support - (len(ids) - len(fresh)), len(fresh))
+            have.episodes += fresh
             have.prompts = _merge(have.prompts, lesson.prompts, MAX_PROMPTS)
             have.sources = _merge(have.sources, lesson.sources, MAX_SOURCES)
         if self.autosave:
@@ -384,6 +432,11 @@ class LessonBank:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _episode_ids(lesson: Lesson) -> list[str]:
+    """The distinct ids of the episodes a lesson came from (its sources, for an older lesson)."""
+    return list(dict.fromkeys([*lesson.episodes, *lesson.sources]))
 
 
 def _merge(have: list[str], more: list[str], cap: int) -> list[str]:
