@@ -290,6 +290,8 @@ def test_lessons_never_quote_a_secret() -> None:
     texts = " ".join(x.text for x in rule_lessons(traj))
     assert "send_email(" in texts and "send_secret" in texts
     assert key[:12] not in texts and password not in texts
+    sent = " ".join(m.content for m in LLMSummariser(Sayer("{}"), model="fake").messages(traj))
+    assert "send_email" in sent and key[:12] not in sent and password not in sent  # nor to the summariser's model
 
 
 def test_llm_summariser_survives_odd_kinds_and_falls_back_when_parsing_fails(ops_runs) -> None:

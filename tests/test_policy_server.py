@@ -401,6 +401,8 @@ def test_malformed_client_input_is_a_400_and_anything_unexpected_a_500(serve, po
         tool = {"type": "function", "function": {"name": "calc", "parameters": params}}
         with pytest.raises(openai.BadRequestError, match=field):
             client.chat.completions.create(model="tiny", messages=USER, tools=[tool])
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model="tiny", messages=USER, top_logprobs=2)
 
     class Broken:
         async def generate(self, messages, tools, sampling):

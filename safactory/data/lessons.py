@@ -237,8 +237,8 @@ with at most MAX lessons."""
 class LLMSummariser:
     """Lessons from a model behind an OpenAI-compatible endpoint, falling back to `rule_lessons`.
 
-    `redactor`: what lesson texts (and a kept raw reply) are redacted with, plus the task's own
-    literal secrets (default: all default patterns)."""
+    `redactor`: what the episode sent to the model, lesson texts and a kept raw reply are redacted
+    with, plus the task's own literal secrets (default: all default patterns)."""
 
     def __init__(
         self,
@@ -263,9 +263,11 @@ class LLMSummariser:
         self.max_chars = max_chars
 
     def messages(self, traj: Trajectory) -> list[Message]:
+        """The request: the episode as text, redacted first (the summariser may be a third party's model)."""
+        episode = lesson_redactor(traj, self.redactor).redact_text(render_episode(traj, 600, self.max_chars))[0]
         return [
             Message(role="system", content=self.instructions),
-            Message(role="user", content=render_episode(traj, 600, self.max_chars) + "\n\nYour JSON lessons:"),
+            Message(role="user", content=episode + "\n\nYour JSON lessons:"),
         ]
 
     def parse(self, traj: Trajectory, raw: str) -> list[Lesson] | None:

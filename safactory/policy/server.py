@@ -507,6 +507,8 @@ def create_policy_app(
         check_model(body.model)
         if body.stream:
             raise APIError(400, "streaming is not supported by this server; send stream=false")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true")  # as OpenAI answers
         messages = messages_from_openai(body.messages)
         tools = tools_from_openai(body.tools)
         use_tools = bool(tools) and body.tool_choice != "none"
