@@ -457,3 +457,18 @@ def test_bounded_awaits_like_wait_for() -> None:
                 await bounded(forever(), 3600)
 
     asyncio.run(go())
+
+
+def test_a_small_task_file_gone_round_again_gets_other_seeds(tmp_path: Path) -> None:
+    class TwoTasks(ArithTasks):
+        def tasks(self, split: str, n: int) -> list[Task]:
+            return super().tasks(split, 2)
+
+    registry = EnvRegistry()
+    registry.register("two", EnvEntry(factory=ArithEnv, tasks=TwoTasks, expert=ArithExpert))
+    config = RolloutConfig(env="two", policy="scripted", db=str(tmp_path / "s.db"), episodes=8, group_size=2)
+    summary = asyncio.run(rollout(config, registry=registry))
+    assert summary.stored == 8 and summary.tasks == 2
+    store, trajs = stored(tmp_path / "s.db")
+    assert len({t.task.id for t in trajs}) == 2 and len({(t.task.id, t.seed) for t in trajs}) == 8
+    store.close()

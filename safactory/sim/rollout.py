@@ -416,18 +416,21 @@ async def rollout(
         # concurrency (plus the groups waiting on the store), not by the number of episodes.
         room = asyncio.Semaphore(max(2, 2 * math.ceil(config.concurrency / config.group_size)))
 
-        async def one(task: Task, size: int) -> None:
+        async def one(task: Task, size: int, first_index: int) -> None:
             try:
-                await writer.put(await runner.run_group(task, size, sampling))
+                await writer.put(await runner.run_group(task, size, sampling, first_index=first_index))
             finally:
                 room.release()
+
+        rounds: dict[str, int] = {}  # a task file gone round again: its tasks' later groups get other seeds
 
         started = time.perf_counter()
         try:
             async with asyncio.TaskGroup() as jobs:
                 for task, size in zip(tasks, plan, strict=False):
                     await room.acquire()
-                    jobs.create_task(one(task, size))
+                    round_ = rounds[task.id] = rounds.get(task.id, -1) + 1
+                    jobs.create_task(one(task, size, round_ * config.group_size))
         except asyncio.CancelledError:
             summary.interrupted = True
             raise

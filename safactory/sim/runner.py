@@ -267,11 +267,16 @@ class RolloutRunner:
         *,
         kind: str = "rollout",
         tags: dict[str, Any] | None = None,
+        first_index: int = 0,
     ) -> list[Trajectory]:
+        """One group of `group_size` episodes of `task`. Member i's seed comes from the run seed, the
+        task and `first_index + i` (a later group of the same task passes a later `first_index` to get
+        other seeds)."""
         group_id = uuid7()
         task_hash = task.hash()  # once per group: every episode of it plays the same task
+        members = range(first_index, first_index + group_size)
         return await gather_or_cancel(
-            [self._episode(task, i, group_id, task_hash, sampling, kind, tags or {}) for i in range(group_size)]
+            [self._episode(task, i, group_id, task_hash, sampling, kind, tags or {}) for i in members]
         )
 
     async def run_groups(
