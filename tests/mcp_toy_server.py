@@ -72,6 +72,15 @@ def crash() -> str:
     os._exit(3)
 
 
+@server.tool()
+def spawn_helper() -> str:
+    """Start a long-lived helper process (as servers start browsers or language servers); its pid."""
+    import subprocess
+
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    return str(helper.pid)
+
+
 @server.tool(annotations=READ_ONLY)
 async def nap(seconds: float) -> str:
     """Sleep, then answer."""

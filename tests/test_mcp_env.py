@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,8 @@ def test_tools_map_schemas_and_hints():
 
     obs = asyncio.run(go())
     tools = {t.name: t for t in obs.tools}
-    assert set(tools) == {"add", "write_note", "read_notes", "delete_notes", "explode", "pid", "crash", "nap", "answer"}
+    names = {"add", "write_note", "read_notes", "delete_notes", "explode", "pid", "crash", "nap", "spawn_helper"}
+    assert set(tools) == names | {"answer"}
     add = tools["add"]
     assert add.parameters["properties"]["a"]["type"] == "integer" and add.parameters["required"] == ["a", "b"]
     assert add.description == "Add two integers."
@@ -424,3 +426,44 @@ def test_registry_resolves_commands():
         reg.get("mcp:   ")
     with pytest.raises(ValueError, match="cannot parse"):
         reg.get("mcp:python 'unterminated")
+
+
+def test_the_calls_of_one_step_share_its_time_budget():
+    async def go() -> StepResult:
+        env = McpEnv(TOY_CMD, call_timeout_s=1.0)
+        await env.reset(task(), 0)
+        try:
+            naps = [ToolCall(id=f"n{i}", name="nap", arguments={"seconds": 30}) for i in range(3)]
+            return await env.step(Message(role="assistant", tool_calls=naps))
+        finally:
+            await env.close()
+
+    first, *rest = asyncio.run(go()).messages
+    assert "timed out" in first.content  # the rest are not even started: the step stays within its budget
+    assert all(m.content.startswith("error: not run; this step's calls used up") for m in rest)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups, read in /proc")
+def test_helpers_a_server_leaves_behind_are_killed_when_the_episode_closes():
+    async def go() -> int:
+        env = McpEnv(TOY_CMD)
+        await env.reset(task(), 0)
+        try:
+            return int((await env.step(call("spawn_helper"))).messages[0].content)
+        finally:
+            await env.close()
+
+    helper = asyncio.run(go())
+    for _ in range(400):  # bounded wait for the kill to land; no timing assumption
+        if not _alive(helper):
+            break
+        time.sleep(0.05)
+    assert not _alive(helper)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"  # a zombie is dead, only not yet reaped
+    except FileNotFoundError:
+        return False

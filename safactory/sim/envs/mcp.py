@@ -8,7 +8,9 @@ records, the JSONL task source and the answer check.
 * Lifetime: `reset` starts the server process and opens a session (closing any
   previous one); `close` always ends it (the SDK closes stdin, then terminates and
   finally kills the process group). The session lives in a task of its own, so
-  `reset`, `step` and `close` may run in different tasks. A server that cannot start
+  `reset`, `step` and `close` may run in different tasks. On POSIX the server runs
+  under `mcp_guard.py`, which kills what it leaves behind in its process group (helpers
+  it started) once it exits, also when it exits by itself. A server that cannot start
   or does not answer `initialize` within `startup_timeout_s` raises `McpServerError`
   from `reset`, with the command and the tail of the server's stderr.
 * Tools: every listed MCP tool becomes a `ToolSpec`: its JSON Schema `inputSchema`
@@ -16,8 +18,10 @@ records, the JSONL task source and the answer check.
   `destructiveHint`, defaulting as the MCP spec does (true unless read-only).
 * Calls: each assistant tool call is one `tools/call`. Text content becomes the
   tool message (other content is named in brackets, structured content is used
-  when there is no text); `isError` results, protocol errors, timeouts, unknown tools
-  and missing required arguments become tool messages starting with `error:` and are
+  when there is no text); `isError` results, protocol errors, timeouts (the calls of one
+  step share `call_timeout_s`, so a step stays within the agent's env timeout however
+  many calls it makes), unknown tools and missing required arguments become tool
+  messages starting with `error:` and are
   listed in `info["errors"]`. Nothing a server does raises out of `step`. When the
   connection to the server is lost the episode is truncated.
 * Reward: MCP has none. Every episode also offers the pseudo-tool `answer(value)`
@@ -42,6 +46,7 @@ import math
 import os
 import re
 import shlex
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -56,6 +61,7 @@ from safactory.types import Message, Observation, StepResult, Task, ToolCall, To
 if TYPE_CHECKING:
     from safactory.sim.env import EnvRegistry
 
+_GUARD = Path(__file__).with_name("mcp_guard.py")
 SCHEME = "mcp"
 ADAPTER_VERSION = "1"
 TASKS_ENV_VAR = "SAFACTORY_MCP_TASKS"
@@ -269,12 +275,13 @@ class McpEnv:
             errors.append("no tool call")
             usage = ", ".join(t.name for t in [*self.tools, answer_tool(self.answer_name)])
             messages.append(Message(role="user", content=f"error: no tool call; available tools: {usage}"))
+        deadline = asyncio.get_running_loop().time() + self.call_timeout_s  # the step's calls share it
         for call in action.tool_calls:
             if self.done or self._conn.lost:
                 text = "error: not run; the episode ended" if self.done else "error: not run; server connection lost"
                 errors.append(f"{call.name}: not run")
             else:
-                text = await self._dispatch(call, errors, outcome)
+                text = await self._dispatch(call, errors, outcome, deadline)
             messages.append(Message(role="tool", content=text, tool_call_id=call.id, name=call.name))
         info: dict[str, Any] = {"errors": errors} if errors else {}
         if self.done:
@@ -337,9 +344,10 @@ class McpEnv:
         except ImportError:
             conn.ready.set_exception(McpServerError("the mcp: adapter needs the MCP SDK; `pip install mcp`"))
             return
+        argv = self.argv if os.name != "posix" else [sys.executable, str(_GUARD), *self.argv]
         params = StdioServerParameters(
-            command=self.argv[0],
-            args=self.argv[1:],
+            command=argv[0],
+            args=argv[1:],
             env=self.server_env or None,
             cwd=str(self.cwd) if self.cwd is not None else None,
         )
@@ -362,7 +370,7 @@ class McpEnv:
             else:
                 conn.lost = True
 
-    async def _dispatch(self, call: ToolCall, errors: list[str], outcome: dict[str, Any]) -> str:
+    async def _dispatch(self, call: ToolCall, errors: list[str], outcome: dict[str, Any], deadline: float) -> str:
         if call.name == self.answer_name:
             return self._answer(call, errors, outcome)
         spec = next((t for t in self.tools if t.name == call.name), None)
@@ -376,11 +384,15 @@ class McpEnv:
             return f"error: {call.name} needs argument(s) {', '.join(missing)}"
         assert self._conn is not None
         session = self._conn.ready.result()[0]
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            errors.append(f"{call.name}: not run")
+            return f"error: not run; this step's calls used up their {self.call_timeout_s:g}s"
         try:
-            result = await asyncio.wait_for(session.call_tool(call.name, dict(call.arguments)), self.call_timeout_s)
+            result = await asyncio.wait_for(session.call_tool(call.name, dict(call.arguments)), left)
         except TimeoutError:
             errors.append(f"{call.name}: timed out")
-            return f"error: {call.name} timed out after {self.call_timeout_s:g}s"
+            return f"error: {call.name} timed out (this step's calls may take {self.call_timeout_s:g}s in all)"
         except Exception as exc:
             code = getattr(exc, "code", getattr(getattr(exc, "error", None), "code", None))
             if code == CONNECTION_CLOSED and "closed" in str(exc).lower():
