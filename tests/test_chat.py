@@ -25,6 +25,13 @@ def test_unknown_tool_parses_so_the_env_can_answer_it():
     assert err is None and calls[0].name == "sqrt" and calls[0].arguments == {"arg": "4"}
 
 
+def test_tool_names_may_hold_dots_and_hyphens_as_mcp_servers_name_them():
+    tools = [ToolSpec(name="get-sum"), ToolSpec(name="fs.read_file")]
+    calls, err = parse_tool_calls('get-sum({"a": 1, "b": 2})\nfs.read_file(/tmp/x)', tools)
+    assert err is None and [c.name for c in calls] == ["get-sum", "fs.read_file"]
+    assert calls[0].arguments == {"a": 1, "b": 2} and calls[1].arguments == {"arg": "/tmp/x"}
+
+
 def test_render_is_incremental_and_masks_assistant_tokens(chat):
     tok = chat.tokenizer
     user = Message(role="user", content="Compute 3+4.")

@@ -55,7 +55,7 @@ from safactory.policy.subword import TinyTokenizer
 from safactory.types import Message, ToolCall, ToolSpec
 
 PREFIX = {"system": "S: ", "user": "U: ", "assistant": "A: ", "tool": "O: "}
-_CALL = re.compile(r"([A-Za-z_]\w*)\((.*)\)", re.DOTALL)
+_CALL = re.compile(r"([A-Za-z_][\w.-]*)\((.*)\)", re.DOTALL)  # MCP names may hold . and -
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 TOOLS_PREAMBLE = (
