@@ -28,13 +28,12 @@ DbOption = Annotated[
 ]
 
 
-def _open_store(db: str) -> TrajectoryStore:
+def _open_store(db: str, *, existing: bool = True) -> TrajectoryStore:
+    """The store `--db` names; with `existing` (the default: commands that read it) it must be there."""
     from safactory.data.store import TrajectoryStore
+    from safactory.sim.rollout import store_url
 
-    if "://" not in db:
-        path = Path(db)
-        db = f"sqlite:///{(path / 'store.db' if path.is_dir() else path).resolve()}"
-    return TrajectoryStore(db)
+    return TrajectoryStore(store_url(db, existing=existing))
 
 
 @app.command()
@@ -63,6 +62,10 @@ def run(
         return
     if config is None:
         raise typer.BadParameter("give a run file (e.g. examples/demo.yaml) or --resume DIR")
+    if (out / "config.yaml").exists():  # a second run would mix its store, metrics and model with the first's
+        raise typer.BadParameter(
+            f"{out} already holds a run: continue it with --resume {out}, or choose another --out", param_hint="--out"
+        )
     try:
         cfg = load_config(config, set_ or [])
     except Exception as exc:
@@ -310,7 +313,7 @@ def data_import(
 
     from safactory.data.export import import_trajectories
 
-    store = _open_store(db)
+    store = _open_store(db, existing=False)
     with Progress(console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("importing", total=None)
         n = import_trajectories(store, path, progress=lambda k: progress.advance(bar, k))
@@ -344,7 +347,20 @@ def data_judge(
 
 
 def main() -> None:
+    """The console entry point: a failure is one line on stderr and exit status 1
+    (`SAFACTORY_DEBUG=1` shows the traceback instead)."""
+    import os
+    import sys
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display is enough
-    app()
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get("SAFACTORY_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        Console(stderr=True, highlight=False).print(f"error: {message or type(exc).__name__}", markup=False)
+        Console(stderr=True).print("[dim](SAFACTORY_DEBUG=1 shows the traceback)[/]")
+        sys.exit(1)

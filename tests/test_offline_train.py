@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from safactory.cli import app
 from safactory.data.experience import rl_sequences
 from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
@@ -155,3 +157,9 @@ def test_saved_model_dir_trains_as_model(demo_store, tiny, tmp_path):
     job = TrainJob(db=demo_store, out=str(tmp_path / "j"), model=str(tmp_path / "m"), steps=2, batch_size=8)
     result = OfflineTrainer(job, log=lambda _: None).run()
     assert result["step"] == 2 and Path(result["checkpoint"]).exists()
+
+
+def test_training_on_a_store_without_that_kind_of_data_says_what_it_holds(demo_store, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--db", demo_store, "--out", str(tmp_path / "j"), "--mode", "rl"])
+    assert result.exit_code != 0 and isinstance(result.exception, ValueError)
+    assert "no unconsumed rollout trajectories" in str(result.exception) and "40 expert" in str(result.exception)

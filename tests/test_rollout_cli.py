@@ -472,3 +472,17 @@ def test_a_small_task_file_gone_round_again_gets_other_seeds(tmp_path: Path) -> 
     store, trajs = stored(tmp_path / "s.db")
     assert len({t.task.id for t in trajs}) == 2 and len({(t.task.id, t.seed) for t in trajs}) == 8
     store.close()
+
+
+def test_a_rollout_in_which_every_episode_failed_exits_non_zero(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, output = invoke(
+        "--env", "arith", "--policy", f"openai:http://127.0.0.1:{port}/v1#m", "--episodes", "2",
+        "--db", str(tmp_path / "s.db"),
+    )  # fmt: skip
+    assert code == 1 and "every episode ended in an error" in output
+    store, trajs = stored(tmp_path / "s.db")  # still stored, with their reasons
+    assert len(trajs) == 2 and all(t.termination == "policy_error" for t in trajs)
+    store.close()

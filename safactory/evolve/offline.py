@@ -140,6 +140,8 @@ class OfflineTrainer:
         while self.trainer.step < job.steps:
             batch = self._next_batch()
             if not batch:
+                if self.trainer.step == 0:  # nothing at all to train on: say what the store does hold
+                    raise ValueError(self._no_data())
                 self.log(f"no unconsumed {job.default_kind()} data left after step {self.trainer.step}")
                 break
             seqs, objective, extra = self._sequences(batch)
@@ -156,7 +158,15 @@ class OfflineTrainer:
                 self._checkpoint()
         path = self._checkpoint()
         self.store.close()
-        return {"checkpoint": str(path), "consumer": job.consumer, **last}
+        return {"checkpoint": str(path), "consumer": job.consumer, "step": self.trainer.step, **last}
+
+    def _no_data(self) -> str:
+        job = self.job
+        run = f" of run {job.data_run}" if job.data_run else ""
+        held = {k: self.store.count(run_id=job.data_run, kind=k) for k in ("expert", "rollout", "eval")}
+        others = ", ".join(f"{n} {k}" for k, n in held.items() if n and k != job.default_kind())
+        hint = f"; the store holds {others}: choose them with --kind" if others else ""
+        return f"no unconsumed {job.default_kind()} trajectories{run} to train on{hint}"
 
     def _checkpoint(self) -> Path:
         path = save_checkpoint(

@@ -322,12 +322,22 @@ def error_kind(error: str) -> str:
     return error[:60]
 
 
-def store_url(db: str) -> str:
-    """A SQLAlchemy URL from `--db`: a URL as is, else a SQLite file (a directory gets `store.db` inside)."""
+def store_url(db: str, *, existing: bool = False) -> str:
+    """A SQLAlchemy URL from `--db`: a URL as is; a directory, or a path without a suffix that does
+    not exist yet (a run directory to be), gets `store.db` inside; any other path is that SQLite file.
+
+    With `existing` (commands that read a store), a SQLite file that is not there is an error
+    rather than a new empty store: a mistyped `--db` must not look like an empty store.
+    """
     if "://" in db:
-        return db
-    path = Path(db).expanduser()
-    return f"sqlite:///{(path / 'store.db' if path.is_dir() else path).resolve()}"
+        url = db
+    else:
+        path = Path(db).expanduser()
+        directory = path.is_dir() or (not path.exists() and not path.suffix)
+        url = f"sqlite:///{(path / 'store.db' if directory else path).resolve()}"
+    if existing and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise FileNotFoundError(f"no store at {db!r} ({url.removeprefix('sqlite:///')} does not exist)")
+    return url
 
 
 def _code_version() -> str:
@@ -547,3 +557,9 @@ def rollout_command(
     console.print(summary_table(summary))
     if summary.interrupted:
         raise typer.Exit(130)
+    failed = sum(n for reason, n in summary.terminations.items() if reason in ERROR_TERMINATIONS)
+    if summary.episodes and failed == summary.episodes:  # stored, but nothing worked: say so in the exit status
+        common = summary.errors.most_common(1)
+        reason = f": {common[0][0]} ({common[0][1]} times)" if common else ""
+        Console(stderr=True, highlight=False).print(f"every episode ended in an error{reason}", markup=False)
+        raise typer.Exit(1)
