@@ -68,6 +68,7 @@ from safactory.policy.tokenizer import CharTokenizer
 from safactory.run_state import RunState, prune_checkpoints
 from safactory.sim.agent import EpisodeLimits, run_episode
 from safactory.sim.env import EnvEntry, default_registry
+from safactory.sim.rollout import store_url
 from safactory.sim.runner import Admission, RolloutRunner
 from safactory.types import Task, Trajectory, uuid7
 
@@ -207,7 +208,7 @@ class Factory:
         self.summary["run_id"] = self.state.run_id
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
-        self.store = TrajectoryStore(cfg.store_url) if cfg.store_url else TrajectoryStore.in_dir(self.out)
+        self.store = TrajectoryStore(store_url(cfg.store_url)) if cfg.store_url else TrajectoryStore.in_dir(self.out)
         self.code_version = code_version()
         self.config_hash = cfg.hash()
         self.judge = RuleSafetyJudge()
