@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (install + run the closed-loop demo) and `make test`.
-# Everything installs into .venv; the CPU build of torch is installed first when no
-# torch is present, so a CPU machine never pulls the multi-GB CUDA build.
+# Everything installs into .venv; torch==2.13.0 is installed first when no torch is
+# present (this project's machines take a CPU build from local wheels; from plain PyPI
+# that is the CUDA build, see docs/quickstart.md), and a GPU machine keeps its own.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

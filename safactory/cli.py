@@ -24,7 +24,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and move the 
 app.add_typer(data_app, name="data")
 
 DbOption = Annotated[
-    str, typer.Option("--db", help="Store URL (sqlite:///path/store.db, postgresql+psycopg://...) or a run dir")
+    str,
+    typer.Option("--db", help="Store URL (sqlite:///path/store.db, postgresql+psycopg://...), a .db file or a run dir"),
 ]
 
 
@@ -221,7 +222,7 @@ def data_verify(db: DbOption) -> None:
 
 @data_app.command("stats")
 def data_stats(db: DbOption) -> None:
-    """Per run and kind: trajectories, success rate, mean reward, terminations."""
+    """Per run and kind: trajectories, success rate, mean reward."""
     from sqlalchemy import Integer, func, select
 
     from safactory.data.store import trajectories as t

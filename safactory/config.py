@@ -32,7 +32,7 @@ class EnvConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    kind: str = Field("tiny", description="Model factory: 'tiny' (random init + character tokenizer).")
+    kind: str = Field("tiny", description="Model factory: 'tiny' (random init; tokenizer chosen by `tokenizer`).")
     path: str | None = Field(None, description="Start from this saved model directory instead (e.g. RUN/model).")
     hidden_size: int = Field(128, description="Hidden width of the tiny model.")
     layers: int = Field(2, description="Number of transformer layers.")
@@ -186,7 +186,9 @@ class LoggingConfig(_Strict):
 class RunConfig(_Strict):
     name: str = Field("run", description="Run name, recorded in the store.")
     seed: int = Field(0, description="Seed of model init, sampling and task order.")
-    store_url: str | None = Field(None, description="SQLAlchemy URL of the store; default: OUT/store.db (SQLite).")
+    store_url: str | None = Field(
+        None, description="The store: a SQLAlchemy URL, a SQLite file or a directory; default: OUT/store.db (SQLite)."
+    )
     env: EnvConfig | None = Field(None, description="Shorthand for a single environment (same as envs: [env]).")
     envs: list[EnvConfig] = Field(default_factory=list, description="Environments of the run (default: arith).")
     model: ModelConfig = Field(default_factory=ModelConfig)

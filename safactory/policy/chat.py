@@ -26,7 +26,9 @@ none of these is a plain reply (no calls, no error).
 
 **Incremental rendering.** The prompt of turn k+1 starts with the prompt and the
 completion of turn k token for token, so a whole episode trains as one sequence.
-`PlainTextChat` always has this property. `TemplateChat` renders the conversation one
+`PlainTextChat` has it whenever the sampled tokens are the tokenisation of their text (a
+sampled special token or a non-canonical subword split breaks it; the episode then trains
+as several sequences, each still token-exact). `TemplateChat` renders the conversation one
 message at a time and tokenises each new piece of template text on its own, so its
 prompts are prefix-stable whenever the template's text is (each rendering of a longer
 conversation starts with the rendering of the shorter one, as with ChatML templates
