@@ -29,6 +29,15 @@ def sharp():
     return model, tok
 
 
+def perturbed(model):
+    """A copy of `model` with noise added to every weight: other weights of the same shape."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return other
+
+
 @pytest.fixture
 def tiny():
     return build_tiny(SMALL, seed=0)

@@ -21,6 +21,7 @@ from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
 from safactory.policy.slots import KVSlots
 from safactory.types import Message
+from tests.conftest import perturbed
 
 PROMPTS = [[Message(role="user", content="Compute " + "12+3" * k + ".")] for k in range(1, 9)]
 LENGTHS = [40, 7, 23, 3, 31, 12, 17, 5]
@@ -164,10 +165,7 @@ def test_max_batch_bounds_the_running_batch(sharp):
 
 def test_weight_swap_mid_run_is_recorded_in_every_version_touched(sharp):
     policy = make_policy(sharp)
-    other = copy.deepcopy(sharp[0])
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+    other = perturbed(sharp[0])
     greedy = SamplingParams(temperature=0.0, max_tokens=40)
 
     async def go():

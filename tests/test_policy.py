@@ -1,5 +1,4 @@
 import asyncio
-import copy
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from safactory.policy.subword import train_subword
 from safactory.policy.tokenizer import CharTokenizer
 from safactory.sim.envs.arith import ANSWER, CALC
 from safactory.types import Message
+from tests.conftest import perturbed
 
 PROMPTS = [[Message(role="user", content="Compute " + "12+3" * k + ".")] for k in range(1, 9)]
 
@@ -63,10 +63,7 @@ def test_batched_greedy_equals_unbatched(policy):
 
 def test_hot_swap_is_visible_in_later_completions(policy, tiny):
     greedy = SamplingParams(temperature=0.0, max_tokens=12)
-    other = copy.deepcopy(tiny[0])
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+    other = perturbed(tiny[0])
 
     async def go():
         before = await policy.generate(PROMPTS[0], [], greedy)

@@ -32,6 +32,7 @@ from safactory.policy.server import (
 from safactory.policy.subword import train_subword
 from safactory.sim.envs.arith import ANSWER, CALC
 from safactory.types import Message, ToolCall, ToolSpec
+from tests.conftest import perturbed
 
 TOOLS = [tool_to_openai(CALC), tool_to_openai(ANSWER)]
 USER = [{"role": "user", "content": "Compute 12+3."}]
@@ -240,10 +241,7 @@ def test_prompt_logprobs_via_completions_equal_a_forward_pass(serve, policy):
 
 def test_load_weights_bumps_the_version_and_bad_loads_keep_the_old_one(serve, policy, tiny, tmp_path):
     model, tok = tiny
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+    other = perturbed(model)
     save_model(other, tok, tmp_path / "v1")
     wrong_shape, _ = build_tiny(TinyModelSpec(hidden_size=32, layers=1, heads=2, intermediate_size=64), seed=1)
     save_model(wrong_shape, tok, tmp_path / "small")

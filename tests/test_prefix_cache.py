@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import random
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from safactory.policy.base import SamplingParams
 from safactory.policy.local import LocalPolicy
 from safactory.policy.prefix_cache import PrefixCache
+from tests.conftest import perturbed
 from tests.test_continuous_batching import forward_logprobs, make_policy
 
 
@@ -63,10 +63,7 @@ def test_many_conversations_at_once_sample_with_exact_logprobs(sharp):
 
 def test_new_weights_clear_the_cache(sharp):
     policy = make_policy(sharp)
-    other = copy.deepcopy(sharp[0])
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+    other = perturbed(sharp[0])
     greedy = SamplingParams(temperature=0.0, max_tokens=8)
     prompt = list(range(5, 60))
     first = asyncio.run(policy.generate_ids(prompt, greedy))

@@ -330,13 +330,7 @@ class Redactor:
                 hits += n
             return out, hits
         if isinstance(value, list | tuple):
-            items = []
-            hits = 0
-            for item in value:
-                redacted, n = self.redact_value(item)
-                items.append(redacted)
-                hits += n
-            return (items if isinstance(value, list) else tuple(items)), hits
+            return _redact_items(value, self.redact_value)
         return value, 0
 
     # ---- trajectories ------------------------------------------------------------------
@@ -429,6 +423,18 @@ def _sensitive_key(key: str) -> bool:
     return bool(_SENSITIVE_DICT_KEY.fullmatch(key)) and not _NOT_SENSITIVE_KEY.fullmatch(key)
 
 
+def _redact_items(
+    value: list[Any] | tuple[Any, ...], redact: Callable[[Any], tuple[Any, int]]
+) -> tuple[list[Any] | tuple[Any, ...], int]:
+    """Each item redacted by `redact`, as a list or tuple like `value`, and the total count."""
+    items, hits = [], 0
+    for item in value:
+        redacted, n = redact(item)
+        items.append(redacted)
+        hits += n
+    return (items if isinstance(value, list) else tuple(items)), hits
+
+
 def _redact_whole(value: Any, kind: str) -> tuple[Any, int]:
     """Every string and number in `value` replaced by a placeholder (the shape of lists and dicts kept)."""
     if isinstance(value, Mapping):
@@ -439,13 +445,7 @@ def _redact_whole(value: Any, kind: str) -> tuple[Any, int]:
             hits += n
         return out, hits
     if isinstance(value, list | tuple):
-        items = []
-        hits = 0
-        for item in value:
-            redacted, n = _redact_whole(item, kind)
-            items.append(redacted)
-            hits += n
-        return (items if isinstance(value, list) else tuple(items)), hits
+        return _redact_items(value, lambda item: _redact_whole(item, kind))
     if _is_secret_value(value):
         return PLACEHOLDER.format(kind=kind), 1
     return value, 0
