@@ -31,8 +31,7 @@ DbOption = Annotated[
 
 def _open_store(db: str, *, existing: bool = True) -> TrajectoryStore:
     """The store `--db` names; with `existing` (the default: commands that read it) it must be there."""
-    from safactory.data.store import TrajectoryStore
-    from safactory.sim.rollout import store_url
+    from safactory.data.store import TrajectoryStore, store_url
 
     return TrajectoryStore(store_url(db, existing=existing))
 

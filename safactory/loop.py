@@ -41,7 +41,7 @@ from safactory.config import RunConfig, save_config
 from safactory.data.experience import TrainSequence, group_batch, sequence_weighted, sft_sequence
 from safactory.data.integrity import code_version, weights_hash
 from safactory.data.judges import RuleSafetyJudge, SafetyVerdict, safety_reward
-from safactory.data.store import TrajectoryStore
+from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.writer import StoreWriter
 from safactory.evaluation import env_metrics, flat, fmt_rate, overall
 from safactory.evolve.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
@@ -68,7 +68,6 @@ from safactory.policy.tokenizer import CharTokenizer
 from safactory.run_state import RunState, prune_checkpoints
 from safactory.sim.agent import EpisodeLimits, run_episode
 from safactory.sim.env import EnvEntry, default_registry
-from safactory.sim.rollout import store_url
 from safactory.sim.runner import Admission, RolloutRunner
 from safactory.types import Task, Trajectory, uuid7
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from safactory.cli import app
-from safactory.sim.rollout import store_url
+from safactory.data.store import store_url
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -361,6 +361,24 @@ def _rows(
     )
 
 
+def store_url(db: str, *, existing: bool = False) -> str:
+    """A SQLAlchemy URL from `--db`: a URL as is; a directory, or a path without a suffix that does
+    not exist yet (a run directory to be), gets `store.db` inside; any other path is that SQLite file.
+
+    With `existing` (commands that read a store), a SQLite file that is not there is an error
+    rather than a new empty store: a mistyped `--db` must not look like an empty store.
+    """
+    if "://" in db:
+        url = db
+    else:
+        path = Path(db).expanduser()
+        directory = path.is_dir() or (not path.exists() and not path.suffix)
+        url = f"sqlite:///{(path / 'store.db' if directory else path).resolve()}"
+    if existing and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise FileNotFoundError(f"no store at {db!r} ({url.removeprefix('sqlite:///')} does not exist)")
+    return url
+
+
 class TrajectoryStore:
     """Durable, append-only trajectory storage on any SQLAlchemy URL."""
 
