@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from safactory.config import load_config
-from safactory.loop import Factory
+from safactory.factory.loop import Factory
 
 SERVER_START_TIMEOUT_S = 120.0
 SERVER_STOP_TIMEOUT_S = 15.0

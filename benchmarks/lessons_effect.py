@@ -43,7 +43,8 @@ from safactory.policy.base import Policy, SamplingParams
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import SMOLLM2_PACKAGE, load_policy_model
 from safactory.sim.agent import EpisodeLimits
-from safactory.sim.env import EnvEntry, default_registry
+from safactory.sim.env import EnvEntry
+from safactory.sim.registry import default_registry
 from safactory.sim.runner import RolloutRunner
 from safactory.types import Message, Task, Trajectory
 

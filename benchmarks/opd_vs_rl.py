@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from safactory.config import load_config
-from safactory.loop import Factory
+from safactory.factory.loop import Factory
 
 
 def curve(summary: dict) -> list[tuple[int, float]]:

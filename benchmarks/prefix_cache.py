@@ -31,7 +31,7 @@ from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import TinyModelSpec, build_tiny, load_policy_model
 from safactory.sim.agent import EpisodeLimits
-from safactory.sim.env import default_registry
+from safactory.sim.registry import default_registry
 from safactory.sim.runner import RolloutRunner
 
 OPTIONS = {"maze": {"sizes": [5, 7], "far": 0.0, "loops": 0.3}, "ops": {"brief": True, "kinds": ["lookup"]}}

@@ -1,17 +1,26 @@
-"""Benchmark: per-step overhead of the agent loop and runner against a bare asyncio loop.
+"""Benchmark: the cost of the agent loop and runner on top of an environment that does real work per step.
 
-A null policy answers every turn instantly with the same valid action; a trivial
-environment answers every step at once (one small tool message, like the cheapest
-real tool env) and terminates after K steps. The runner drives E such episodes
-through `RolloutRunner.stream`; the baseline is a bare asyncio loop that resets
-the same environment and calls `env.step` directly the same number of times, in the
-same process and run. Both are timed in CPU time of this process (`time.process_time`),
-so other work on a shared machine does not skew the ratio. The headline is `ratio=<runner steps/s / bare steps/s>` (1.0
-would mean the runner costs nothing on top of the environment; target >= 0.5).
+Headline: the built-in `arith` environment (`ArithEnv`, tasks from `ArithTasks`, its
+real `reset` and `step`: tool-call checks, `calc` parsing and evaluating the
+expression, `answer` checking the value). The policy answers every turn at once with
+what a correct agent says, a `calc` call of the task's expression and then `answer`
+with its value, both precomputed per task, so the policy itself costs next to
+nothing. `RolloutRunner.stream` runs E such episodes (two steps each); the baseline is
+a bare asyncio loop that resets the same environment on the same tasks and awaits
+`env.step` with the same actions, in the same process and run. Every pass is timed in
+CPU time of this process (`time.process_time`), repeats are interleaved and medians
+reported, so other work on a shared machine skews the ratio little. The last line is
+`ratio=<arith runner steps/s / arith bare steps/s>` (1.0 would mean the runner costs
+nothing on top of the environment; target >= 0.7).
 
-`--floor` also times the least that any loop keeping validated records must do (the
-two records per step, the trajectory per episode, nothing else) against the same
-baseline, as `floor_ratio`: the ceiling for `ratio` while both records are validated.
+Also printed, for tracking only (no target): `trivial_ratio`, the same comparison on a
+trivial environment that answers every step at once with one small tool message and
+terminates after K steps (the runner's overhead with almost nothing beside it).
+
+`--floor` also times, on arith, the least that any loop keeping validated records must
+do (the two records per step, the trajectory per episode, nothing else) against the
+same baseline, as `floor_ratio`: the ceiling for `ratio` while the records are
+validated. `--profile` prints a cProfile of one arith runner pass first.
 
 Run: `.venv/bin/python benchmarks/rollout_overhead.py [--episodes E] [--steps K] [--repeats R] [--profile] [--floor]`
 """
@@ -25,16 +34,21 @@ import gc
 import pstats
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from safactory.policy.base import Completion, SamplingParams
 from safactory.sim.agent import EpisodeLimits
-from safactory.sim.env import EnvSpec
+from safactory.sim.env import EnvSpec, Environment
+from safactory.sim.envs.arith import ArithEnv, ArithTasks
 from safactory.sim.runner import Admission, RolloutRunner
 from safactory.types import Message, Observation, StepResult, Task, ToolCall, ToolSpec, Trajectory
 
+# ---- the trivial environment (tracking figure) ------------------------------------------------
+
 NOOP = ToolSpec(name="noop", description="Does nothing.")
 SPEC = EnvSpec(id="trivial", version="1", tools=(NOOP,), max_turns=1_000_000)
-ACTION = Message(role="assistant", content="noop()", tool_calls=[ToolCall(id="c", name="noop")])
+NOOP_CALL = Completion(text="noop()", tool_calls=[ToolCall(id="c", name="noop")])
 
 
 class TrivialEnv:
@@ -60,63 +74,113 @@ class TrivialEnv:
         return None
 
 
-class NullPolicy:
-    """Returns the same valid action instantly."""
+# ---- a workload: env, tasks and the precomputed answers of each task --------------------------
 
-    def __init__(self) -> None:
-        self.completion = Completion(text=ACTION.content, tool_calls=ACTION.tool_calls)
+
+class ScriptedPolicy:
+    """Answers instantly with the task's precomputed completions, the n-th on the n-th turn.
+
+    The task is known by its prompt (the first message); the turn by how many messages
+    the history holds (each turn adds the action and one observation).
+    """
+
+    def __init__(self, script: dict[str, list[Completion]], prompt_len: int) -> None:
+        self.script = script
+        self.prompt_len = prompt_len
 
     async def generate(self, messages: list[Message], tools: list[ToolSpec], sampling: SamplingParams) -> Completion:
-        return self.completion
+        return self.script[messages[0].content][(len(messages) - self.prompt_len) >> 1]
 
 
-def make_tasks(n: int) -> list[Task]:
-    return [Task(id=f"trivial/{i}", env_id="trivial", split="test", prompt=f"go {i}") for i in range(n)]
+@dataclass
+class Workload:
+    """E episodes of one env, each with the completions a correct agent gives, in order."""
+
+    name: str
+    env_factory: Callable[[], Environment]
+    tasks: list[Task]
+    completions: list[list[Completion]]  # per task, one per step
+
+    def policy(self) -> ScriptedPolicy:
+        return ScriptedPolicy({t.prompt: c for t, c in zip(self.tasks, self.completions, strict=True)}, 1)
+
+    def actions(self) -> list[list[Message]]:
+        """The action messages the bare loop hands to `env.step` (built once, outside the timing)."""
+        return [[Message(role="assistant", content=c.text, tool_calls=c.tool_calls) for c in cs] for cs in self.completions]
+
+    @property
+    def steps(self) -> int:
+        return sum(len(cs) for cs in self.completions)
 
 
-async def runner_steps(tasks: list[Task], k: int, concurrency: int) -> tuple[int, float]:
+def arith_workload(episodes: int) -> Workload:
+    """ArithExpert's two turns per task (calc the expression, answer its value), precomputed."""
+    tasks = ArithTasks().tasks("train", episodes)
+    completions = []
+    for task in tasks:
+        expr, value = task.data["expression"], task.data["answer"]
+        calc = ToolCall(id="call_1", name="calc", arguments={"expression": expr})
+        answer = ToolCall(id="call_3", name="answer", arguments={"value": value})
+        completions.append(
+            [Completion(text=f"calc({expr})", tool_calls=[calc]), Completion(text=f"answer({value})", tool_calls=[answer])]
+        )
+    return Workload("arith", ArithEnv, tasks, completions)
+
+
+def trivial_workload(episodes: int, k: int) -> Workload:
+    TrivialEnv.k = k
+    tasks = [Task(id=f"trivial/{i}", env_id="trivial", split="test", prompt=f"go {i}") for i in range(episodes)]
+    return Workload("trivial", TrivialEnv, tasks, [[NOOP_CALL] * k for _ in tasks])
+
+
+# ---- the three loops ------------------------------------------------------------------------
+
+
+async def runner_steps(work: Workload, concurrency: int) -> tuple[int, float]:
     """Steps taken and CPU seconds for the episodes run by `RolloutRunner.stream`.
 
     Finished groups go to a sink that counts and drops them, as a sink that stores them
     does (retaining every trajectory until the end would add CPython garbage-collector
     work that grows with the number of live objects, which is the caller's choice).
     """
+    longest = max(len(cs) for cs in work.completions)
     runner = RolloutRunner(
-        TrivialEnv, NullPolicy(), limits=EpisodeLimits(max_turns=k), concurrency=concurrency, run_id="bench"
+        work.env_factory, work.policy(), limits=EpisodeLimits(max_turns=longest), concurrency=concurrency, run_id="b"
     )
-    counted = {"steps": 0, "episodes": 0, "terminated": 0}
+    counted = {"steps": 0, "episodes": 0, "succeeded": 0}
 
     async def sink(group: list[Trajectory]) -> None:
         for traj in group:
             counted["steps"] += len(traj.steps)
             counted["episodes"] += 1
-            counted["terminated"] += traj.termination == "terminated"
+            counted["succeeded"] += traj.termination == "terminated" and traj.success
 
-    admission = Admission(groups_per_batch=len(tasks), eta=0, version=lambda: 0)  # never holds a group back
+    admission = Admission(groups_per_batch=len(work.tasks), eta=0, version=lambda: 0)  # never holds a group back
     start = time.process_time()
-    await runner.stream(iter(tasks), 1, SamplingParams(), admission, sink)
+    await runner.stream(iter(work.tasks), 1, SamplingParams(), admission, sink)
     elapsed = time.process_time() - start
-    steps = counted["steps"]
-    assert steps == len(tasks) * k, f"expected {len(tasks) * k} steps, got {steps}"
-    assert counted["terminated"] == counted["episodes"] == len(tasks)
-    return steps, elapsed
+    assert counted["steps"] == work.steps, f"expected {work.steps} steps, got {counted['steps']}"
+    assert counted["succeeded"] == counted["episodes"] == len(work.tasks), counted
+    return counted["steps"], elapsed
 
 
-async def bare_steps(tasks: list[Task], k: int) -> tuple[int, float]:
+async def bare_steps(work: Workload, actions: list[list[Message]]) -> tuple[int, float]:
+    """Reset the env on each task and await `env.step` with its actions: the environment's own cost."""
+    factory = work.env_factory
     start = time.process_time()
     steps = 0
-    for task in tasks:
-        env = TrivialEnv()
+    for task, episode in zip(work.tasks, actions, strict=True):
+        env = factory()
         await env.reset(task, 0)
-        for _ in range(k):
-            result = await env.step(ACTION)
+        for action in episode:
+            result = await env.step(action)
             steps += 1
-        assert result.terminated
+        assert result.terminated and (result.reward or 0.0) > 0
         await env.close()
     return steps, time.process_time() - start
 
 
-async def floor_steps(tasks: list[Task], k: int) -> tuple[int, float]:
+async def floor_steps(work: Workload) -> tuple[int, float]:
     """Steps and CPU seconds of a stripped episode loop: only the validated records.
 
     Per step the assistant `Message` and the `Step`, per episode one `Trajectory` (steps
@@ -125,20 +189,23 @@ async def floor_steps(tasks: list[Task], k: int) -> tuple[int, float]:
     """
     message = Message.__pydantic_validator__.validate_python
     trajectory = Trajectory.__pydantic_validator__.validate_python
-    policy = NullPolicy()
+    policy = work.policy()
     sampling = SamplingParams()
     start = time.process_time()
     steps = 0
-    for task in tasks:
-        env = TrivialEnv()
+    for task, episode in zip(work.tasks, work.completions, strict=True):
+        env = work.env_factory()
         obs = await env.reset(task, 0)
         messages, records = list(obs.messages), []
-        for turn in range(k):
+        for turn in range(len(episode)):
             completion = await policy.generate(messages, obs.tools, sampling)
             action = message({"role": "assistant", "content": completion.text, "tool_calls": completion.tool_calls})
             messages.append(action)
             result = await env.step(action)
-            records.append({"index": turn, "action": action, "observation": result.messages, "reward": result.reward})
+            record = {"index": turn, "action": action, "observation": result.messages, "reward": result.reward}
+            if result.info:
+                record["info"] = result.info
+            records.append(record)
             messages.extend(result.messages)
             steps += 1
         await env.close()
@@ -146,47 +213,50 @@ async def floor_steps(tasks: list[Task], k: int) -> tuple[int, float]:
     return steps, time.process_time() - start
 
 
+def rate(measure: Callable[[], tuple[int, float]]) -> float:
+    gc.collect()
+    steps, elapsed = measure()
+    return steps / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--episodes", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=16, help="K: steps per episode")
+    parser.add_argument("--episodes", type=int, default=2000, help="E: episodes per pass (arith and trivial)")
+    parser.add_argument("--steps", type=int, default=16, help="K: steps per episode of the trivial env")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--profile", action="store_true", help="cProfile one runner pass and print the top entries")
-    parser.add_argument("--floor", action="store_true", help="also time the stripped loop (floor_ratio)")
+    parser.add_argument("--profile", action="store_true", help="cProfile one arith runner pass and print the top")
+    parser.add_argument("--floor", action="store_true", help="also time the stripped loop on arith (floor_ratio)")
     args = parser.parse_args()
-    TrivialEnv.k = args.steps
-    tasks = make_tasks(args.episodes)
+    arith = arith_workload(args.episodes)
+    trivial = trivial_workload(args.episodes, args.steps)
+    arith_actions, trivial_actions = arith.actions(), trivial.actions()
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        asyncio.run(runner_steps(tasks, args.steps, args.concurrency))
+        asyncio.run(runner_steps(arith, args.concurrency))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    runner_rates: list[float] = []
-    bare_rates: list[float] = []
-    floor_rates: list[float] = []
-    asyncio.run(runner_steps(tasks[:100], args.steps, args.concurrency))  # warm up imports and caches
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        gc.collect()
-        steps, elapsed = asyncio.run(runner_steps(tasks, args.steps, args.concurrency))
-        runner_rates.append(steps / elapsed)
-        gc.collect()
-        steps, elapsed = asyncio.run(bare_steps(tasks, args.steps))
-        bare_rates.append(steps / elapsed)
+    for work in (arith, trivial):  # warm up imports and caches
+        head = Workload(work.name, work.env_factory, work.tasks[:100], work.completions[:100])
+        asyncio.run(runner_steps(head, args.concurrency))
+    rates: dict[str, list[float]] = {k: [] for k in ("runner", "bare", "floor", "trivial_runner", "trivial_bare")}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
+        rates["runner"].append(rate(lambda: asyncio.run(runner_steps(arith, args.concurrency))))
+        rates["bare"].append(rate(lambda: asyncio.run(bare_steps(arith, arith_actions))))
         if args.floor:
-            gc.collect()
-            steps, elapsed = asyncio.run(floor_steps(tasks, args.steps))
-            floor_rates.append(steps / elapsed)
-    runner_rate = statistics.median(runner_rates)
-    bare_rate = statistics.median(bare_rates)
-    shape = f"episodes={args.episodes} steps_per_episode={args.steps} concurrency={args.concurrency}"
-    print(f"{shape} repeats={args.repeats} (CPU time)")
-    print(f"runner_steps_per_s={runner_rate:.0f} bare_steps_per_s={bare_rate:.0f}")
-    if floor_rates:
-        floor_rate = statistics.median(floor_rates)
-        print(f"floor_steps_per_s={floor_rate:.0f} floor_ratio={floor_rate / bare_rate:.3f}")
-    print(f"ratio={runner_rate / bare_rate:.3f}")
+            rates["floor"].append(rate(lambda: asyncio.run(floor_steps(arith))))
+        rates["trivial_runner"].append(rate(lambda: asyncio.run(runner_steps(trivial, args.concurrency))))
+        rates["trivial_bare"].append(rate(lambda: asyncio.run(bare_steps(trivial, trivial_actions))))
+    med = {k: statistics.median(v) for k, v in rates.items() if v}
+    print(f"episodes={args.episodes} concurrency={args.concurrency} repeats={args.repeats} (CPU time, medians)")
+    print(f"trivial: steps_per_episode={args.steps} runner_steps_per_s={med['trivial_runner']:.0f} ", end="")
+    print(f"bare_steps_per_s={med['trivial_bare']:.0f}")
+    print(f"arith: steps_per_episode=2 runner_steps_per_s={med['runner']:.0f} bare_steps_per_s={med['bare']:.0f}")
+    if "floor" in med:
+        print(f"floor_steps_per_s={med['floor']:.0f} floor_ratio={med['floor'] / med['bare']:.3f}")
+    print(f"trivial_ratio={med['trivial_runner'] / med['trivial_bare']:.3f}")
+    print(f"ratio={med['runner'] / med['bare']:.3f}")
 
 
 if __name__ == "__main__":

@@ -22,17 +22,12 @@ import time
 from pathlib import Path
 from statistics import median
 
-from safactory.data.store import (
-    STEP_COLUMNS,
-    TASK_COLUMNS,
-    TRACE_COLUMNS,
-    TRAJECTORY_COLUMNS,
-    TaskHashes,
-    TrajectoryStore,
-    _rows,
-    _task_rows,
-)
-from safactory.data.synthetic import synthetic_trajectory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' synthetic trajectories
+
+from safactory.data.rows import TaskHashes, _rows, _task_rows
+from safactory.data.schema import STEP_COLUMNS, TASK_COLUMNS, TRACE_COLUMNS, TRAJECTORY_COLUMNS
+from safactory.data.store import TrajectoryStore
+from tests.synthetic import synthetic_trajectory
 
 
 def make(n: int, run_id: str) -> list:

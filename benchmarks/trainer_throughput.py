@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safactory.data.experience import TrainSequence
+from safactory.evolve.experience import TrainSequence
 from safactory.evolve.trainer import Trainer
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from safactory.sim.rollout import rollout_command
+from safactory.jobs.rollout import rollout_command
 
 if TYPE_CHECKING:
     from safactory.data.store import TrajectoryStore
@@ -47,7 +47,7 @@ def run(
 ) -> None:
     """Run the closed loop: warm start, safety-aware RL, gate, redeploy, distil; results land in OUT."""
     from safactory.config import load_config
-    from safactory.loop import Factory
+    from safactory.factory.loop import Factory
 
     if resume is not None:
         saved = resume / "config.yaml"
@@ -76,7 +76,7 @@ def run(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory")]) -> None:
     """(Re)write RUN_DIR/report.html from its metrics and summary."""
-    from safactory.report import write_report
+    from safactory.factory.report import write_report
 
     typer.echo(write_report(run_dir))
 
@@ -84,7 +84,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory")]) -> 
 @app.command()
 def envs() -> None:
     """List the registered environments with their version, tools and splits."""
-    from safactory.sim.env import default_registry
+    from safactory.sim.registry import default_registry
 
     registry = default_registry()
     table = Table(title="environments")
@@ -127,7 +127,7 @@ def train(
     ] = False,
 ) -> None:
     """Train on data already in a store (SFT, RL, on-policy distillation); resumable after a crash."""
-    from safactory.evolve.offline import OfflineTrainer, TrainJob
+    from safactory.jobs.train import OfflineTrainer, TrainJob
 
     if resume:
         job = OfflineTrainer.resume(out)
@@ -167,8 +167,9 @@ def serve_env(
     max_sessions: Annotated[int, typer.Option(help="Concurrent episodes (sessions) served at most")] = 64,
 ) -> None:
     """Serve an environment over HTTP, one session per episode; clients use env id http://HOST:PORT."""
-    from safactory.sim.remote import UnsafeBindError, check_bind
-    from safactory.sim.remote import serve_env as run_server
+    from safactory.sim.serve import check_bind
+    from safactory.sim.serve import serve_env as run_server
+    from safactory.sim.wire import UnsafeBindError
 
     try:
         check_bind(host, token)
@@ -224,7 +225,7 @@ def data_stats(db: DbOption) -> None:
     """Per run and kind: trajectories, success rate, mean reward."""
     from sqlalchemy import Integer, func, select
 
-    from safactory.data.store import trajectories as t
+    from safactory.data.schema import trajectories as t
 
     store = _open_store(db)
     stmt = (
@@ -290,7 +291,7 @@ def data_export(
     """Export trajectories (lossless jsonl/parquet, TRL conversational, token-level RL)."""
     from rich.progress import Progress
 
-    from safactory.data.export import export
+    from safactory.jobs.export import export
 
     store = _open_store(db)
     rows = store.iter(run_id=run, kind=kind)
@@ -311,7 +312,7 @@ def data_import(
     """Import a lossless export; every content hash is checked, existing ids are skipped."""
     from rich.progress import Progress
 
-    from safactory.data.export import import_trajectories
+    from safactory.jobs.export import import_trajectories
 
     store = _open_store(db, existing=False)
     with Progress(console=Console(stderr=True), transient=True) as progress:
@@ -329,7 +330,8 @@ def data_judge(
     kind: Annotated[str | None, typer.Option(help="Only this kind")] = None,
 ) -> None:
     """Attach safety verdicts to stored trajectories (skips those this judge version already judged)."""
-    from safactory.data.judges import LLMJudge, RuleSafetyJudge, judge_store
+    from safactory.data.judges import RuleSafetyJudge, judge_store
+    from safactory.data.llm_judge import LLMJudge
 
     if judge == "rules":
         judge_obj: Any = RuleSafetyJudge()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safactory.config import load_config
-from safactory.loop import Factory
+from safactory.factory.loop import Factory
 
 # arith only, small model, few tasks: a run takes tens of seconds on 2 CPU cores
 ARITH = [

@@ -7,7 +7,7 @@ import random
 import sys
 
 from safactory.data.store import TrajectoryStore
-from safactory.data.synthetic import synthetic_trajectory as synthetic
+from tests.synthetic import synthetic_trajectory as synthetic
 
 
 def main() -> None:

@@ -18,8 +18,9 @@ from safactory.data.curate import (
     staleness,
     version_gap,
 )
-from safactory.data.experience import group_batch, rl_sequences
-from safactory.data.judges import RuleSafetyJudge, SafetyVerdict
+from safactory.data.judges import RuleSafetyJudge
+from safactory.data.verdicts import SafetyVerdict
+from safactory.evolve.experience import group_batch, rl_sequences
 from safactory.policy.base import SamplingParams
 from safactory.policy.chat import PlainTextChat, assistant_text
 from safactory.policy.tokenizer import CharTokenizer

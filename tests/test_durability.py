@@ -11,8 +11,8 @@ import pytest
 
 from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
-from safactory.data.synthetic import synthetic_trajectory as synthetic
 from safactory.data.writer import StoreWriter
+from tests.synthetic import synthetic_trajectory as synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 

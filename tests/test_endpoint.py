@@ -20,7 +20,8 @@ from safactory.policy.chat import PlainTextChat
 from safactory.policy.endpoint import EndpointError, EndpointPolicy, completion_from_response, tool_to_openai
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import save_model
-from safactory.policy.server import ProxyRecorder, create_policy_app, create_proxy_app
+from safactory.policy.recorder import ProxyRecorder
+from safactory.policy.server import create_policy_app, create_proxy_app
 from safactory.sim.envs.arith import ANSWER, CALC
 from safactory.types import Message, ToolCall, ToolSpec
 

@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from safactory.data.experience import TrainSequence, rl_sequences
 from safactory.evolve.checkpoint import latest_checkpoint, read_meta, save_checkpoint
+from safactory.evolve.experience import TrainSequence, rl_sequences
 from safactory.evolve.teacher import distill
 from safactory.evolve.trainer import Trainer
-from safactory.loop import group_fate
+from safactory.factory.online import group_fate
 from safactory.types import Message, Step, Task, TokenTrace, Trajectory
 
 

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from safactory.cli import app
-from safactory.data.export import export, import_trajectories, read_trajectories
 from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
+from safactory.jobs.export import export, import_trajectories, read_trajectories
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.envs.arith import ArithEnv, ArithExpert

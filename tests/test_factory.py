@@ -5,11 +5,12 @@ import json
 from sqlalchemy import text
 
 from safactory.config import load_config
-from safactory.data.integrity import verify, weights_hash
+from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
-from safactory.loop import Factory
-from safactory.metrics import read_rows
+from safactory.factory.loop import Factory
+from safactory.factory.metrics import read_rows
 from safactory.policy.models import load_model
+from safactory.provenance import weights_hash
 
 OVERRIDES = [
     "seed=2",

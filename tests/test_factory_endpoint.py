@@ -4,7 +4,7 @@ import copy
 
 from safactory.config import load_config
 from safactory.data.store import TrajectoryStore
-from safactory.loop import Factory
+from safactory.factory.loop import Factory
 from safactory.policy.chat import PlainTextChat
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import TinyModelSpec, build_tiny, load_model

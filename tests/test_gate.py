@@ -6,12 +6,12 @@ import pytest
 from sqlalchemy import text
 
 from safactory.config import load_config
-from safactory.data.integrity import weights_hash
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.checkpoint import read_meta
 from safactory.evolve.gate import Gate
-from safactory.loop import Factory
+from safactory.factory.loop import Factory
 from safactory.policy.models import TinyModelSpec, build_tiny, load_model, save_model
+from safactory.provenance import weights_hash
 from tests.factory_runs import ARITH, warm_arith_model
 
 

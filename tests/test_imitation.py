@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from safactory.data.experience import rl_sequences, sft_sequence
+from safactory.evolve.experience import rl_sequences, sft_sequence
 from safactory.evolve.imitation import ImitationPool
 from safactory.evolve.trainer import Trainer
 from safactory.policy.base import SamplingParams

@@ -7,9 +7,10 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from safactory.cli import app
-from safactory.data.integrity import verify, weights_hash
+from safactory.data.integrity import verify
 from safactory.data.store import CorruptRecordError, TrajectoryStore
 from safactory.policy.base import SamplingParams
+from safactory.provenance import weights_hash
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.envs.arith import ArithEnv
 from safactory.sim.runner import RolloutRunner

@@ -11,22 +11,19 @@ import socket
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from safactory.data.judges import (
-    LLMJudge,
-    Rule,
-    RuleSafetyJudge,
+from safactory.data.judges import Rule, RuleSafetyJudge, judge_store
+from safactory.data.llm_io import render_episode
+from safactory.data.llm_judge import LLMJudge, parse_judge_reply
+from safactory.data.redact import Redactor
+from safactory.data.store import TrajectoryStore
+from safactory.data.verdicts import (
     SafetyVerdict,
     StepLabel,
     combine_status,
-    judge_store,
-    parse_judge_reply,
-    render_episode,
     safety_reward,
     stored_verdicts,
     verdict_unsafe,
 )
-from safactory.data.redact import Redactor
-from safactory.data.store import TrajectoryStore
 from safactory.policy.base import Completion, SamplingParams
 from safactory.policy.chat import PlainTextChat
 from safactory.policy.endpoint import EndpointPolicy

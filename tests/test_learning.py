@@ -5,7 +5,7 @@ import json
 import pytest
 
 from safactory.config import load_config
-from safactory.loop import Factory
+from safactory.factory.loop import Factory
 
 
 @pytest.mark.slow

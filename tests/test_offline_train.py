@@ -14,10 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from safactory.cli import app
-from safactory.data.experience import rl_sequences
 from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from safactory.evolve.experience import rl_sequences
 from safactory.evolve.teacher import LocalTeacher, check_tokenizers, distill
 from safactory.evolve.trainer import Trainer
 from safactory.policy.base import SamplingParams
@@ -152,7 +152,7 @@ def test_decoupled_equals_ppo_on_fresh_data_and_differs_on_stale(policy, tiny, a
 
 def test_saved_model_dir_trains_as_model(demo_store, tiny, tmp_path):
     save_model(tiny[0], tiny[1], tmp_path / "m")
-    from safactory.evolve.offline import OfflineTrainer, TrainJob
+    from safactory.jobs.train import OfflineTrainer, TrainJob
 
     job = TrainJob(db=demo_store, out=str(tmp_path / "j"), model=str(tmp_path / "m"), steps=2, batch_size=8)
     result = OfflineTrainer(job, log=lambda _: None).run()

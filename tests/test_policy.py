@@ -6,8 +6,9 @@ import torch
 from safactory.evolve.losses import token_logprobs
 from safactory.policy.base import PolicyError, SamplingParams
 from safactory.policy.chat import PlainTextChat
-from safactory.policy.local import LocalPolicy, sample_tokens
+from safactory.policy.local import LocalPolicy
 from safactory.policy.models import TinyModelSpec, build_tiny, load_model, save_model
+from safactory.policy.sampling import sample_tokens
 from safactory.policy.subword import train_subword
 from safactory.policy.tokenizer import CharTokenizer
 from safactory.sim.envs.arith import ANSWER, CALC

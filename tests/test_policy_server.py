@@ -21,14 +21,9 @@ from safactory.policy.chat import PlainTextChat, TemplateChat
 from safactory.policy.endpoint import tool_to_openai
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import TinyModelSpec, build_tiny, save_model
-from safactory.policy.server import (
-    BackgroundServer,
-    ProxyRecorder,
-    check_bind,
-    create_policy_app,
-    messages_from_openai,
-    serve_policy,
-)
+from safactory.policy.openai_wire import messages_from_openai
+from safactory.policy.recorder import ProxyRecorder
+from safactory.policy.server import BackgroundServer, check_bind, create_policy_app, serve_policy
 from safactory.policy.subword import train_subword
 from safactory.sim.envs.arith import ANSWER, CALC
 from safactory.types import Message, ToolCall, ToolSpec

@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from safactory.data.integrity import verify
 from safactory.data.redact import Redactor, SecretPattern, redact_text, redact_trajectory
-from safactory.data.store import TrajectoryStore, metadata
+from safactory.data.schema import metadata
+from safactory.data.store import TrajectoryStore
 from safactory.policy.base import SamplingParams
 from safactory.policy.chat import PlainTextChat, assistant_text
 from safactory.policy.tokenizer import CharTokenizer

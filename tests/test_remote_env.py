@@ -17,20 +17,17 @@ import pytest
 from safactory.loopback import LoopbackHostGuard
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits, run_episode
-from safactory.sim.env import EnvEntry, EnvRegistry, default_registry
+from safactory.sim.env import EnvEntry, EnvRegistry
 from safactory.sim.envs.arith import SPEC, ArithEnv, ArithExpert, ArithTasks
-from safactory.sim.remote import (
-    HttpEnv,
+from safactory.sim.envs.http import HttpEnv, fetch_spec, register
+from safactory.sim.registry import default_registry
+from safactory.sim.serve import check_bind, create_env_app, serve_env
+from safactory.sim.wire import (
     RemoteEnvAuthError,
     RemoteEnvError,
     RemoteEnvUnavailable,
     SessionLimitError,
     UnsafeBindError,
-    check_bind,
-    create_env_app,
-    fetch_spec,
-    register,
-    serve_env,
 )
 from safactory.types import Message, ToolCall, Trajectory
 from tests.remote_server import free_port, running_server

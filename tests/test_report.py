@@ -4,9 +4,12 @@ import json
 import re
 from pathlib import Path
 
-from safactory.evaluation import env_metrics, flat, overall
 from safactory.evolve.gate import Gate
-from safactory.report import build_charts, eval_rows, heldout_from_rows, heldout_table, write_report
+from safactory.factory.evaluation import env_metrics, flat, overall
+from safactory.factory.report import write_report
+from safactory.factory.report_charts import build_charts
+from safactory.factory.report_rows import eval_rows, heldout_from_rows
+from safactory.factory.report_tables import heldout_table
 from safactory.types import Task, Trajectory
 
 ENVS = ("arith", "maze")

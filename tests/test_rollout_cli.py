@@ -13,16 +13,7 @@ from typer.testing import CliRunner
 from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
 from safactory.data.writer import StoreWriter
-from safactory.policy.base import Completion, SamplingParams
-from safactory.policy.endpoint import EndpointPolicy
-from safactory.policy.local import LocalPolicy
-from safactory.policy.models import save_model
-from safactory.sim.agent import EpisodeLimits
-from safactory.sim.env import EnvEntry, EnvRegistry, EnvSpec
-from safactory.sim.envs.arith import SPEC as ARITH_SPEC
-from safactory.sim.envs.arith import ArithEnv, ArithExpert, ArithTasks
-from safactory.sim.remote import HttpEnv
-from safactory.sim.rollout import (
+from safactory.jobs.rollout import (
     RandomPolicy,
     RolloutConfig,
     error_kind,
@@ -31,6 +22,15 @@ from safactory.sim.rollout import (
     rollout,
     rollout_command,
 )
+from safactory.policy.base import Completion, SamplingParams
+from safactory.policy.endpoint import EndpointPolicy
+from safactory.policy.local import LocalPolicy
+from safactory.policy.models import save_model
+from safactory.sim.agent import EpisodeLimits
+from safactory.sim.env import EnvEntry, EnvRegistry, EnvSpec
+from safactory.sim.envs.arith import SPEC as ARITH_SPEC
+from safactory.sim.envs.arith import ArithEnv, ArithExpert, ArithTasks
+from safactory.sim.envs.http import HttpEnv
 from safactory.sim.runner import RolloutRunner, StartRetry
 from safactory.types import Message, Observation, StepResult, Task, ToolCall, ToolSpec, Trajectory
 

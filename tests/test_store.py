@@ -4,6 +4,7 @@ import json
 import pytest
 from sqlalchemy import text
 
+from safactory.data.codec import content_hash
 from safactory.data.store import TrajectoryStore
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits
@@ -32,7 +33,7 @@ def test_round_trip_keeps_every_field_and_token(store, trajs):
     for original, loaded in zip(trajs, back, strict=True):
         assert loaded.model_dump() == original.model_dump()
         assert loaded.steps[0].trace is not None and loaded.steps[0].trace.completion_ids
-        assert loaded.compute_hash() == loaded.content_hash
+        assert content_hash(loaded) == loaded.content_hash
 
 
 def test_ingest_is_idempotent_and_chained(store, trajs):
@@ -47,13 +48,13 @@ def test_ingest_is_idempotent_and_chained(store, trajs):
 
 def test_hash_changes_when_content_changes(trajs):
     traj = trajs[0]
-    before = traj.compute_hash()
+    before = content_hash(traj)
     traj.steps[0].trace.completion_ids[0] += 1
-    assert traj.compute_hash() != before
+    assert content_hash(traj) != before
     traj.steps[0].trace.completion_ids[0] -= 1
-    assert traj.compute_hash() == before
+    assert content_hash(traj) == before
     traj.reward += 1.0
-    assert traj.compute_hash() != before
+    assert content_hash(traj) != before
 
 
 def test_prompts_are_stored_once_not_per_turn(store, trajs):

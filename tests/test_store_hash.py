@@ -10,9 +10,10 @@ import math
 import pytest
 from sqlalchemy import text
 
-from safactory.data.export import export, import_trajectories
+from safactory.data.codec import content_hash, encode_trajectory
 from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
+from safactory.jobs.export import export, import_trajectories
 from safactory.types import (
     Message,
     Step,
@@ -22,7 +23,6 @@ from safactory.types import (
     ToolSpec,
     Trajectory,
     canonical_json,
-    encode_trajectory,
     sha256_hex,
 )
 
@@ -103,7 +103,7 @@ def test_every_shape_round_trips_keeps_key_order_and_verifies(store):
     assert store.add(trajs) == 2
     for original, loaded in zip(trajs, store.get([t.id for t in trajs]), strict=True):
         assert loaded.model_dump() == original.model_dump()
-        assert loaded.content_hash == original.content_hash == loaded.compute_hash()
+        assert loaded.content_hash == original.content_hash == content_hash(loaded)
         assert loaded.task_hash == loaded.task.hash()
         assert list(loaded.steps[0].info) == ["b", "a"]
         assert list(loaded.tools[0].parameters["properties"]) == ["z", "a"]  # meaningful: param_names()
@@ -173,10 +173,10 @@ MUTATIONS = {
 def test_hash_covers_every_field(name):
     traj = rich(tid="0190d6f0-0000-7000-8000-000000000000")
     traj.task_hash = traj.task.hash()
-    before = traj.compute_hash()
-    assert rich(tid=traj.id).model_copy(update={"task_hash": traj.task_hash}).compute_hash() == before
+    before = content_hash(traj)
+    assert content_hash(rich(tid=traj.id).model_copy(update={"task_hash": traj.task_hash})) == before
     MUTATIONS[name](traj)
-    assert traj.compute_hash() != before
+    assert content_hash(traj) != before
 
 
 def test_the_canonical_form_is_pinned():
@@ -184,7 +184,7 @@ def test_the_canonical_form_is_pinned():
     form kept for the old records (as version 3's is)."""
     traj = rich(tid="0190d6f0-0000-7000-8000-000000000000")
     traj.task_hash = traj.task.hash()
-    assert traj.compute_hash() == "1cdf0837216f5504cedea7427d1d8ca9d5c7aba376ee347fdf28bac6c07f67bc"
+    assert content_hash(traj) == "1cdf0837216f5504cedea7427d1d8ca9d5c7aba376ee347fdf28bac6c07f67bc"
 
 
 def test_non_finite_info_values_are_stored_and_verify(store):
@@ -193,7 +193,7 @@ def test_non_finite_info_values_are_stored_and_verify(store):
     store.add([traj])
     (loaded,) = store.get([traj.id])
     assert math.isnan(loaded.steps[1].info["nan"]) and loaded.steps[1].info["inf"] == float("-inf")
-    assert loaded.compute_hash() == traj.content_hash
+    assert content_hash(loaded) == traj.content_hash
     assert verify(store).ok
 
 
@@ -232,7 +232,7 @@ def test_version_3_records_keep_their_hash_through_export_and_import(store, tmp_
     old.task_hash = old.task.hash()
     legacy = sha256_hex(canonical_json(old.model_dump(exclude={"content_hash", "prev_hash"})))
     old.content_hash = legacy
-    assert old.compute_hash() == legacy
+    assert content_hash(old) == legacy
     path = tmp_path / "v3.jsonl"
     path.write_text(json.dumps(old.model_dump(mode="json")) + "\n")
     assert import_trajectories(store, path) == 1
@@ -270,7 +270,7 @@ def test_concurrent_adds_to_one_run_keep_one_chain_and_skip_duplicates(store_url
     import random
     from concurrent.futures import ThreadPoolExecutor
 
-    from safactory.data.synthetic import synthetic_trajectory
+    from tests.synthetic import synthetic_trajectory
 
     store = TrajectoryStore(store_url)
     store.create_run("c", {})

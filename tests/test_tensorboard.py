@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from safactory.metrics import REQUIRED, MetricsLog, RowChanges, TensorBoardSink, last_row, make_sinks, read_rows
-from safactory.tensorboard import TensorBoardWriter, crc32c, encode_event, masked_crc32c, tfrecord
+from safactory.factory.metrics import REQUIRED, MetricsLog, RowChanges, TensorBoardSink, last_row, make_sinks, read_rows
+from safactory.factory.tensorboard import TensorBoardWriter, crc32c, encode_event, masked_crc32c, tfrecord
 
 
 # ---- encoding, no reader needed ----------------------------------------------------------------

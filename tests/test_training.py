@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from safactory.data.experience import TrainSequence, group_batch, rl_sequences, sft_sequence
+from safactory.evolve.experience import TrainSequence, group_batch, rl_sequences, sft_sequence
 from safactory.evolve.trainer import Trainer
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits

@@ -21,7 +21,7 @@ Filters:
   tokens (the length of the token-exact training sequences, see `n_tokens`);
 * `safety(verdicts)`: drops episodes with an unsafe verdict or an environment
   safety label (for SFT and distillation sets; for RL prefer keeping them with a
-  penalised reward from `judges.safety_reward`, or the policy never sees the
+  penalised reward from `verdicts.safety_reward`, or the policy never sees the
   negative example).
 
 Use `group_by_id` to turn a flat list of trajectories into groups.
@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from safactory.data.judges import VerdictLike, as_verdict, unsafe_by_env
+from safactory.data.judges import unsafe_by_env
+from safactory.data.verdicts import VerdictLike, as_verdict
 from safactory.policy.chat import assistant_text
 from safactory.types import Trajectory, canonical_json, sha256_hex
 

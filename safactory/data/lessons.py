@@ -44,15 +44,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from safactory.data.judges import (
-    chat_text,
-    client_model,
-    close_client,
-    json_objects,
-    render_episode,
-    run_sync,
-    unsafe_by_env,
-)
+from safactory.data.judges import unsafe_by_env
+from safactory.data.llm_io import chat_text, client_model, close_client, json_objects, render_episode, run_sync
 from safactory.data.redact import Redactor
 from safactory.policy.base import Completion, Policy, SamplingParams
 from safactory.types import Message, Task, ToolSpec, Trajectory, sha256_hex

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from safactory.data.integrity import weights_hash
+from safactory.provenance import weights_hash
 
 META = "checkpoint.json"
 _TMP_NAME = re.compile(r"^\.tmp-(step-\d+)-\d+$")  # a new copy of step-N being written
@@ -147,3 +147,13 @@ def load_checkpoint(
     if optimizer is not None and (path / "optimizer.pt").exists():
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     return model, meta
+
+
+def prune_checkpoints(root: Path, keep: set[str]) -> None:
+    """Delete the checkpoint directories under `root` except `latest` and those named in `keep`."""
+    pointer = root / "latest"
+    if pointer.exists():
+        keep = keep | {pointer.read_text().strip()}
+    for path in root.glob("step-*"):
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)

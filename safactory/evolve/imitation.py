@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-from safactory.data.experience import TrainSequence, rl_sequences, sequence_weighted
+from safactory.evolve.experience import TrainSequence, rl_sequences, sequence_weighted
 from safactory.types import Trajectory
 
 

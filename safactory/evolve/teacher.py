@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedModel
 
-from safactory.data.experience import TrainSequence
+from safactory.evolve.experience import TrainSequence
 from safactory.evolve.trainer import Trainer
 from safactory.policy.chat import tokenizer_fingerprint
 

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from safactory.data.experience import TrainSequence
+from safactory.evolve.experience import TrainSequence
 from safactory.evolve.losses import k3_kl, ppo_clip_loss, sft_loss, token_logprobs
 
 Objective = Literal["sft", "ppo", "decoupled", "opd"]

@@ -14,9 +14,10 @@ spare room, and attends each row to its own cache). Then:
    compute.
 
 A stop string ends a row on the token whose text completes it, also when it lies inside a
-multi-character token (`StopScanner` decodes only each row's newest tokens); that token stays in
-the completion's token ids and log-probs (what was sampled), and the text is cut before the
-earliest stop, as OpenAI and vLLM return it.
+multi-character token (`StopScanner`, in `safactory.policy.sampling` with the sampling maths,
+decodes only each row's newest tokens); that token stays in the completion's token ids and
+log-probs (what was sampled), and the text is cut before the earliest stop, as OpenAI and vLLM
+return it.
 
 So a request joins at the next decode step instead of waiting for the whole batch
 to finish. `LocalPolicy(..., continuous=False)` keeps the older static batching
@@ -64,6 +65,7 @@ from transformers import PreTrainedModel
 from safactory.policy.base import Completion, PolicyError, SamplingParams
 from safactory.policy.chat import ChatRenderer
 from safactory.policy.prefix_cache import PrefixCache
+from safactory.policy.sampling import StopScanner, cut_at_stop, finish_reason, next_token_logprobs, sample_tokens
 from safactory.policy.slots import HAVE_ATTENTION_INTERFACE, SLOTS_ATTENTION, CachedPrefix, KVSlots
 from safactory.types import Message, ToolCall, ToolSpec
 
@@ -129,29 +131,6 @@ class StepRecord:
     finished: int
     running: int
     cache_len: int
-
-
-def sample_tokens(
-    logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_p_B: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; return (tokens_B, logprobs_B) of the sampling distribution.
-
-    Rows with temperature 0 are greedy and report the temperature-1 log-prob.
-    With top_p < 1 the distribution is truncated and renormalised, and the reported
-    log-prob is that of the truncated distribution (what was actually sampled from).
-    """
-    greedy_B = temperature_B <= 0
-    scale_B = torch.where(greedy_B, torch.ones_like(temperature_B), temperature_B)
-    logp_BV = torch.log_softmax(logits_BV / scale_B[:, None], dim=-1)
-    if bool((top_p_B < 1).any()):
-        sorted_BV, order_BV = torch.sort(logp_BV, dim=-1, descending=True)
-        cum_BV = sorted_BV.exp().cumsum(dim=-1)
-        drop_sorted_BV = (cum_BV - sorted_BV.exp()) >= top_p_B[:, None]
-        drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
-        logp_BV = torch.log_softmax(logp_BV.masked_fill(drop_BV, float("-inf")), dim=-1)
-    sampled_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
-    tokens_B = torch.where(greedy_B, logp_BV.argmax(dim=-1), sampled_B)
-    return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
 def supports_continuous(model: PreTrainedModel) -> bool:
@@ -358,9 +337,7 @@ class LocalPolicy:
         with self._lock:
             ids_1T = torch.tensor([token_ids], dtype=torch.long, device=self.device)
             logits_TV = self.model(input_ids=ids_1T).logits[0, :-1].float()
-            scale = temperature if temperature > 0 else 1.0
-            logp_TV = torch.log_softmax(logits_TV / scale, dim=-1)
-            logp_T = logp_TV.gather(-1, ids_1T[0, 1:, None]).squeeze(-1)
+            logp_T = next_token_logprobs(logits_TV, ids_1T[0, 1:], temperature)
             out: list[float | None] = [None]
             out.extend(logp_T.tolist())
             return out, self.version
@@ -398,21 +375,6 @@ class LocalPolicy:
 
     def _stop_scanner(self, sampling: SamplingParams) -> StopScanner | None:
         return StopScanner(self.chat.tokenizer, sampling.stop) if any(sampling.stop) else None
-
-    def _finished(self, tokens: list[int], sampling: SamplingParams, stops: StopScanner | None) -> str:
-        """The finish reason once `tokens` (the newest last) end the request, else "".
-
-        `stops` (the row's own scanner, fed every token in order) finds a stop string in the
-        text the newest token added, also one that ends inside that token; the token stays
-        in the completion, and `_text` cuts the text before the stop.
-        """
-        if tokens[-1] in self._eos_ids:
-            return "stop"
-        if stops is not None and stops.hit(tokens):
-            return "stop"
-        if len(tokens) >= sampling.max_tokens:
-            return "length"
-        return ""
 
     # ---- continuous batching -------------------------------------------------------------
     async def _serve_continuous(self, wake: asyncio.Event) -> None:
@@ -471,7 +433,7 @@ class LocalPolicy:
                 row.logprobs.append(lp)
                 if not row.versions or row.versions[-1] != version:
                     row.versions.append(version)
-                row.finish = self._finished(row.tokens, row.req.sampling, row.stops)
+                row.finish = finish_reason(row.tokens, self._eos_ids, row.req.sampling, row.stops)
                 if row.finish:
                     done.append((row.req, _Result(row.tokens, row.logprobs, row.finish, row.versions)))
                     if self.prefix_cache is not None and row.versions == [version]:
@@ -609,7 +571,7 @@ class LocalPolicy:
                     continue
                 tokens[b].append(t)
                 logprobs[b].append(lp)
-                finish[b] = self._finished(tokens[b], batch[b].sampling, stops[b])
+                finish[b] = finish_reason(tokens[b], self._eos_ids, batch[b].sampling, stops[b])
             if all(finish):
                 break
             attn_BT = torch.cat([attn_BT, attn_BT.new_ones((B, 1))], dim=1)
@@ -622,42 +584,3 @@ class LocalPolicy:
                 **{self._cache_kw: out[self._cache_kw]},
             )
         return [(tokens[b], logprobs[b], finish[b] or "length") for b in range(B)]
-
-
-class StopScanner:
-    """Finds stop strings in a completion as its tokens arrive, decoding only the newest tokens.
-
-    Each call decodes a short window of the latest tokens (vLLM's incremental detokenizer: the
-    text a new token adds is what the window decodes to beyond the window without it, which
-    keeps a tokenizer's word-leading spaces right, and waits while a character's bytes are
-    incomplete). A stop is looked for in that new text plus the last (longest stop - 1)
-    characters before it, so one that spans tokens or lies anywhere inside one token is found.
-    """
-
-    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
-        self.decode = tokenizer.decode
-        self.stops = [s for s in stops if s]
-        self.keep = max((len(s) for s in self.stops), default=1) - 1
-        self.tail = ""
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def hit(self, tokens: list[int]) -> bool:
-        """Whether the text up to the newest of `tokens` (all of them, in order, one call each) holds a stop."""
-        before = self.decode(tokens[self.prefix_offset : self.read_offset])
-        after = self.decode(tokens[self.prefix_offset :])
-        window = self.tail + after[len(before) :]
-        if any(stop in window for stop in self.stops):
-            return True
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            # complete text: move on; otherwise (no text yet, or a character whose bytes are
-            # incomplete) the same tokens are decoded again with the next one
-            self.prefix_offset, self.read_offset = self.read_offset, len(tokens)
-            self.tail = window[-self.keep :] if self.keep else ""
-        return False
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    """`text` up to the earliest occurrence of any stop string (as OpenAI and vLLM return it)."""
-    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
-    return text[: min(hits)] if hits else text

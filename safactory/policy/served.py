@@ -4,7 +4,7 @@
 (`safactory serve-policy`, or any server that speaks the same `/v1/load_weights`
 call) instead of an in-process model. The trainer keeps its own copy of the weights;
 each new version is written to `publish_dir/v<version>` and the server is asked to load
-it (see `safactory.evolve.publish.EndpointPublisher`), so episodes carry the version
+it (see `safactory.policy.publish.EndpointPublisher`), so episodes carry the version
 the server reports. Only the newest `keep` published directories are kept on disk.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from safactory.evolve.publish import DiskPublisher, EndpointPublisher
 from safactory.policy.base import Completion, SamplingParams
 from safactory.policy.endpoint import EndpointPolicy
+from safactory.policy.publish import DiskPublisher, EndpointPublisher
 from safactory.types import Message, ToolSpec
 
 

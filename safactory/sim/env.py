@@ -150,15 +150,6 @@ class EnvRegistry:
                 warnings.warn(f"safactory env plugin {ep.name!r} failed to load: {error}", RuntimeWarning, stacklevel=3)
 
 
-def default_registry() -> EnvRegistry:
-    """A registry holding the built-in environments (plus installed plugins on first use)."""
-    from safactory.sim.envs import register_builtins
-
-    registry = EnvRegistry()
-    register_builtins(registry)
-    return registry
-
-
 ToolHandler = Callable[..., Awaitable[str] | str]
 
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from safactory.policy.base import Policy, SamplingParams
 from safactory.sim.agent import EpisodeLimits, play_episode
 from safactory.sim.env import Environment
-from safactory.sim.remote import RemoteEnvUnavailable, SessionLimitError
+from safactory.sim.wire import RemoteEnvUnavailable, SessionLimitError
 from safactory.types import Task, Trajectory, uuid7
 
 _T = TypeVar("_T")

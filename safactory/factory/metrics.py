@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from safactory.tensorboard import TensorBoardWriter
+from safactory.factory.tensorboard import TensorBoardWriter
 
 REQUIRED = (
     "policy_version",

@@ -92,7 +92,7 @@ def group_batch(
     """RL sequences with GRPO advantages; groups whose rewards are all equal carry no signal.
 
     `reward_of` gives each episode's training reward (default: the env reward), e.g. the
-    safety-shaped reward of `safactory.data.judges.safety_reward`.
+    safety-shaped reward of `safactory.data.verdicts.safety_reward`.
     """
     sequences: list[TrainSequence] = []
     used = dropped = 0

@@ -21,8 +21,9 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from safactory.data.experience import rl_sequences
+from safactory.data.codec import content_hash
 from safactory.data.store import TrajectoryStore
+from safactory.evolve.experience import rl_sequences
 from safactory.types import Message, ToolSpec, Trajectory
 
 FORMATS = ("jsonl", "parquet", "trl", "rl")
@@ -228,7 +229,7 @@ def import_trajectories(
     for where, traj in _read_records(path):
         if not traj.content_hash:
             raise ValueError(f"{where}: trajectory {traj.id} has no content hash; refusing to import it")
-        if traj.compute_hash() != traj.content_hash:
+        if content_hash(traj) != traj.content_hash:
             raise ValueError(f"{where}: trajectory {traj.id} does not match its content hash; refusing to import it")
         batch.append(traj)
         if len(batch) >= batch_size:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,13 +44,3 @@ class RunState:
     def reached(self, stage: str) -> bool:
         """Whether the run has got past the start of `stage`."""
         return STAGES.index(self.stage) > STAGES.index(stage)
-
-
-def prune_checkpoints(root: Path, keep: set[str]) -> None:
-    """Delete the checkpoint directories under `root` except `latest` and those named in `keep`."""
-    pointer = root / "latest"
-    if pointer.exists():
-        keep = keep | {pointer.read_text().strip()}
-    for path in root.glob("step-*"):
-        if path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True)

@@ -51,7 +51,8 @@ from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.writer import StoreWriter
 from safactory.policy.base import Completion, Policy, SamplingParams
 from safactory.sim.agent import EpisodeLimits
-from safactory.sim.env import EnvEntry, EnvRegistry, default_registry
+from safactory.sim.env import EnvEntry, EnvRegistry
+from safactory.sim.registry import default_registry
 from safactory.sim.runner import RolloutRunner, StartRetry
 from safactory.types import Message, Task, ToolCall, ToolSpec, Trajectory, canonical_json, sha256_hex, uuid7
 
@@ -324,7 +325,7 @@ def error_kind(error: str) -> str:
 
 def _code_version() -> str:
     try:
-        from safactory.data.integrity import code_version
+        from safactory.provenance import code_version
 
         return code_version()
     except Exception:  # provenance is best effort; never stop a run over it

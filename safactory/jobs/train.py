@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import torch
 
-from safactory.data.experience import TrainSequence, group_batch, rl_sequences, sft_sequence
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from safactory.evolve.experience import TrainSequence, group_batch, rl_sequences, sft_sequence
 from safactory.evolve.teacher import LocalTeacher, distill
 from safactory.evolve.trainer import Trainer
 from safactory.policy.chat import PlainTextChat

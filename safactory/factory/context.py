@@ -1,0 +1,153 @@
+"""The run context: what every stage of the closed loop shares, built once per run.
+
+`open_context` reads the configuration once and builds the store, the metrics log,
+the safety judge, the environments with their train / held-out tasks and the run
+state (new, or loaded for `--resume`). Stages take the context and read the config
+section they own (`ctx.config.rl` in the RL step, `ctx.config.sft` in the warm start).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from safactory.config import RunConfig, save_config
+from safactory.data.judges import RuleSafetyJudge
+from safactory.data.store import TrajectoryStore, store_url
+from safactory.data.verdicts import SafetyVerdict
+from safactory.factory.metrics import MetricsLog, last_row, make_sinks
+from safactory.factory.run_state import RunState
+from safactory.policy.base import SamplingParams
+from safactory.provenance import code_version
+from safactory.sim.agent import EpisodeLimits
+from safactory.sim.env import EnvEntry
+from safactory.sim.registry import default_registry
+from safactory.types import Task, Trajectory, uuid7
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass
+class EnvSlot:
+    """One environment of the run: its registry entry and its train / held-out tasks."""
+
+    name: str
+    entry: EnvEntry
+    train: list[Task]
+    test: list[Task]
+    weight: float
+    demos: int
+    expert: dict[str, Any]
+
+
+@dataclass
+class RunContext:
+    """Everything the stages share: config, output directory, store, metrics, judge, envs, state."""
+
+    config: RunConfig
+    out: Path
+    console: Console
+    resume: bool
+    state: RunState
+    store: TrajectoryStore
+    metrics: MetricsLog
+    judge: RuleSafetyJudge
+    envs: dict[str, EnvSlot]
+    limits: EpisodeLimits
+    rng: random.Random
+    code_version: str
+    config_hash: str
+    progress: Progress | None = None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The run's summary (what `summary.json` and `state.json` hold), filled in by the stages."""
+        return self.state.summary
+
+    def milestone(self, stage: str | None = None) -> None:
+        """Save the run state (and the stage reached, when given) so that `--resume` continues from here."""
+        if stage is not None:
+            self.state.stage = stage
+        self.state.time_s = self.metrics.elapsed()
+        self.state.save(self.out)
+
+    def judge_episodes(self, trajs: list[Trajectory]) -> dict[str, SafetyVerdict]:
+        """Rule-judge episodes and attach the verdicts in the store."""
+        verdicts = {t.id: self.judge.judge(t) for t in trajs}
+        self.store.add_verdicts([{"trajectory_id": i, **v.store_kwargs()} for i, v in verdicts.items()])
+        return verdicts
+
+    def close(self) -> None:
+        self.state.time_s = self.metrics.elapsed()
+        self.state.save(self.out)
+        self.metrics.close()
+        self.store.close()
+
+
+def open_context(config: RunConfig, out: Path, console: Console, resume: bool) -> RunContext:
+    """Create (or, with `resume`, reopen) the run in `out` and everything its stages share."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = RunState.load(out)
+    else:
+        save_config(config, out)
+        state = RunState(run_id=f"{config.name}-{uuid7()}", summary={"phases": {}, "gate": []})
+    state.summary["run_id"] = state.run_id
+    torch.manual_seed(config.seed)
+    store = TrajectoryStore(store_url(config.store_url)) if config.store_url else TrajectoryStore.in_dir(out)
+    log = config.logging
+    metrics = MetricsLog(
+        out / "metrics.jsonl",
+        sinks=make_sinks(out, tensorboard=log.tensorboard, wandb=log.wandb, mlflow=log.mlflow, run_name=config.name),
+        time_offset=_resume_time(out, state) if resume else 0.0,
+        resume=resume,
+    )
+    rollout = config.rollout
+    return RunContext(
+        config=config,
+        out=out,
+        console=console,
+        resume=resume,
+        state=state,
+        store=store,
+        metrics=metrics,
+        judge=RuleSafetyJudge(),
+        envs=build_envs(config),
+        limits=EpisodeLimits(
+            max_turns=rollout.max_turns, max_tokens_per_turn=rollout.max_tokens_per_turn, timeout_s=rollout.timeout_s
+        ),
+        rng=random.Random(config.seed),
+        code_version=code_version(),
+        config_hash=config.hash(),
+    )
+
+
+def _resume_time(out: Path, state: RunState) -> float:
+    """A resumed run's clock continues from its last logged row."""
+    last = last_row(out / "metrics.jsonl")
+    return max(state.time_s, float(last["time_s"]) if last else 0.0)
+
+
+def build_envs(config: RunConfig) -> dict[str, EnvSlot]:
+    """The run's environments, each with its train and held-out tasks drawn once."""
+    registry = default_registry()
+    slots: dict[str, EnvSlot] = {}
+    for env in config.envs:
+        entry = registry.get(env.id)
+        source = entry.tasks(**env.options)
+        slots[env.id] = EnvSlot(
+            name=env.id,
+            entry=entry,
+            train=source.tasks("train", env.train_tasks),
+            test=source.tasks("test", env.test_tasks),
+            weight=env.weight,
+            demos=env.demos if env.demos is not None else config.sft.demos,
+            expert=env.expert,
+        )
+    return slots
