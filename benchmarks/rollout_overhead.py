@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from safactory.policy.base import Completion, SamplingParams
 from safactory.sim.agent import EpisodeLimits
-from safactory.sim.env import EnvSpec, Environment
+from safactory.sim.env import Environment, EnvSpec
 from safactory.sim.envs.arith import ArithEnv, ArithTasks
 from safactory.sim.runner import Admission, RolloutRunner
 from safactory.types import Message, Observation, StepResult, Task, ToolCall, ToolSpec, Trajectory

@@ -1,6 +1,7 @@
 """The layout's rules, checked over the source with `ast` (DESIGN.md §2; also run by `make lint`):
 
-- bottom modules (records, config, provenance, loopback checks) import no platform folder;
+- bottom modules (records, config, provenance, loopback checks, lazy exports) import no platform folder;
+- `safactory/__init__.py` is the public face: it may name anything, and nothing inside imports it;
 - the platform folders form a directed acyclic graph and never import `factory`, `jobs` or `cli`;
 - `factory` and `jobs` sit beside each other (neither imports the other), `cli` on top;
 - no import circle between any two files;
@@ -12,6 +13,9 @@ Every import counts, also one inside a function or under `TYPE_CHECKING`.
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
+import pkgutil
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +23,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "safactory"
-BOTTOM = {"types", "config", "provenance", "loopback", "__init__"}
+BOTTOM = {"types", "config", "provenance", "loopback", "_exports"}
+FACE = "__init__"  # the area of `safactory/__init__.py`
 PLATFORMS = {"policy", "sim", "data", "evolve", "evals", "view"}
 ABOVE = {"factory", "jobs", "cli"}
 MAX_FILE_LINES = 600
@@ -135,6 +140,10 @@ def test_the_checker_finds_a_circle() -> None:
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_nothing_imports_the_public_face() -> None:
+    assert offending("the public face sits on top", lambda s, t: t != FACE) == []
+
+
 def test_bottom_modules_import_no_folder() -> None:
     assert offending("a bottom module imports only bottom modules", lambda s, t: s not in BOTTOM or t in BOTTOM) == []
 
@@ -179,3 +188,49 @@ def test_no_long_function_in_the_loop_or_jobs(folder: str) -> None:
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
     assert long == []
+
+
+@pytest.mark.parametrize(
+    "package", ["safactory", "safactory.sim", "safactory.policy", "safactory.data", "safactory.evolve"]
+)
+def test_every_public_name_resolves(package: str) -> None:
+    module = importlib.import_module(package)
+    assert module.__all__ == sorted(module.__all__) and module.__all__
+    for info in pkgutil.iter_modules(module.__path__):  # a submodule must not hide a public name
+        importlib.import_module(f"{package}.{info.name}")
+    for name in module.__all__:
+        assert not inspect.ismodule(getattr(module, name)), name
+    with pytest.raises(AttributeError):
+        module.no_such_name  # noqa: B018
+
+
+def test_the_public_face_serves_what_an_env_author_needs() -> None:
+    import safactory
+
+    assert {"Environment", "ToolEnvironment", "ToolError", "EnvSpec", "Task", "Message", "StepResult"} <= set(
+        safactory.__all__
+    )
+    assert {"Policy", "Completion", "SamplingParams", "RunConfig", "load_config", "Factory"} <= set(safactory.__all__)
+
+
+def test_the_environments_guide_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/environments.md: its one-file env, imported only from `safactory`, registered in code
+    and rolled out with its scripted expert exactly as the guide's snippet does."""
+    import re
+
+    guide = (PACKAGE.parent / "docs" / "environments.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+    env_file = next(b for b in blocks if b.startswith('"""`guess`'))
+    imported = {n.module for n in ast.walk(ast.parse(env_file)) if isinstance(n, ast.ImportFrom)}
+    assert imported == {"__future__", "dataclasses", "safactory"}  # only the public face of safactory
+    (tmp_path / "guess_env.py").write_text(env_file)
+    snippet = next(b for b in blocks if "guess_env.register(registry)" in b)
+    snippet = "\n".join(line.removeprefix("   ") for line in snippet.splitlines())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    exec(compile(snippet, "environments.md", "exec"), scope)  # noqa: S102
+    summary = scope["summary"]
+    assert summary.episodes == summary.stored == 16  # type: ignore[attr-defined]
+    assert summary.success_rate == 1.0  # type: ignore[attr-defined]
+    assert (tmp_path / "runs" / "guess" / "store.db").exists()

@@ -13,19 +13,13 @@ from typer.testing import CliRunner
 from safactory.data.integrity import verify
 from safactory.data.store import TrajectoryStore
 from safactory.data.writer import StoreWriter
-from safactory.jobs.rollout import (
-    RandomPolicy,
-    RolloutConfig,
-    error_kind,
-    group_plan,
-    make_policy,
-    rollout,
-    rollout_command,
-)
+from safactory.jobs.rollout import RolloutJob, error_kind, group_plan, rollout, rollout_command
 from safactory.policy.base import Completion, SamplingParams
 from safactory.policy.endpoint import EndpointPolicy
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import save_model
+from safactory.policy.random import RandomPolicy
+from safactory.policy.specs import make_policy
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.env import EnvEntry, EnvRegistry, EnvSpec
 from safactory.sim.envs.arith import SPEC as ARITH_SPEC
@@ -185,7 +179,7 @@ def test_group_plan_and_error_kind() -> None:
     assert error_kind("env step failed: ValueError('simulator crashed')") == "env step failed: ValueError"
     assert error_kind("episode exceeded 1.0 s") == "episode exceeded 1.0 s"
     with pytest.raises(ValueError):
-        RolloutConfig(env="arith", policy="random", db="x", group_size=0)
+        RolloutJob(env="arith", policy="random", db="x", group_size=0)
 
 
 # ---- the CLI -----------------------------------------------------------------------------------
@@ -271,7 +265,7 @@ def test_rollout_runs_on_when_episodes_fail(tmp_path: Path) -> None:
 
     registry = EnvRegistry()
     registry.register("mixed", EnvEntry(factory=sometimes_broken, tasks=ArithTasks, expert=ArithExpert))
-    config = RolloutConfig(env="mixed", policy="scripted", db=str(tmp_path / "s.db"), episodes=9, concurrency=3)
+    config = RolloutJob(env="mixed", policy="scripted", db=str(tmp_path / "s.db"), episodes=9, concurrency=3)
     summary = asyncio.run(rollout(config, registry=registry))
     assert summary.episodes == summary.stored == 9
     assert summary.terminations["env_error"] == 3 and summary.terminations["terminated"] == 6
@@ -466,7 +460,7 @@ def test_a_small_task_file_gone_round_again_gets_other_seeds(tmp_path: Path) -> 
 
     registry = EnvRegistry()
     registry.register("two", EnvEntry(factory=ArithEnv, tasks=TwoTasks, expert=ArithExpert))
-    config = RolloutConfig(env="two", policy="scripted", db=str(tmp_path / "s.db"), episodes=8, group_size=2)
+    config = RolloutJob(env="two", policy="scripted", db=str(tmp_path / "s.db"), episodes=8, group_size=2)
     summary = asyncio.run(rollout(config, registry=registry))
     assert summary.stored == 8 and summary.tasks == 2
     store, trajs = stored(tmp_path / "s.db")

@@ -20,8 +20,9 @@ from typing import Any, Literal
 import torch
 
 from safactory.data.store import TrajectoryStore
-from safactory.evolve.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from safactory.evolve.checkpoint import save_checkpoint
 from safactory.evolve.experience import TrainSequence, group_batch, rl_sequences, sft_sequence
+from safactory.evolve.resume import resume_trainer
 from safactory.evolve.teacher import LocalTeacher, distill
 from safactory.evolve.trainer import Trainer
 from safactory.policy.chat import PlainTextChat
@@ -83,14 +84,12 @@ class OfflineTrainer:
         self.chat = PlainTextChat(tokenizer)
         self.trainer = Trainer(model, lr=job.lr, pad_id=tokenizer.pad_id)
         self.version = 0
-        ckpt = latest_checkpoint(self.ckpt_root)
-        if ckpt is not None:
-            _, meta = load_checkpoint(ckpt, self.trainer.model, self.trainer.optimizer)
-            self.trainer.step = meta.train_step
-            self.version = meta.version
-            released = self.store.release_consumed_after(job.consumer, meta.train_step)
+        resumed = resume_trainer(self.ckpt_root, self.trainer, self.store, job.consumer)
+        if resumed is not None:
+            self.version = resumed.meta.version
             self.log(
-                f"resumed from {ckpt.name} (step {meta.train_step}); {released} consumptions of lost steps released"
+                f"resumed from {resumed.path.name} (step {resumed.meta.train_step}); "
+                f"{resumed.released} consumptions of lost steps released"
             )
         self.teacher = None
         if job.mode == "opd":
