@@ -52,7 +52,10 @@ def run(
     if resume is not None:
         saved = resume / "config.yaml"
         if not saved.exists():
-            raise typer.BadParameter(f"{resume} holds no config.yaml: not a run directory")
+            raise typer.BadParameter(
+                f"{resume} holds no config.yaml: not a run directory; start a run there with "
+                f"`safactory run CONFIG --out {resume}`"
+            )
         cfg = load_config(saved)
         if config is not None and load_config(config, set_ or []).hash() != cfg.hash():
             raise typer.BadParameter(f"{config} (with the overrides) differs from the config of the run in {resume}")

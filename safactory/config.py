@@ -6,6 +6,7 @@ The resolved configuration and its hash are saved in the run directory.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -263,6 +264,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def save_config(config: RunConfig, directory: Path) -> None:
+    """Write DIR/config.yaml and its hash, each atomically (a kill never leaves half a config)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    (directory / "config.sha256").write_text(config.hash() + "\n")
+    for name, text in (
+        ("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)),
+        ("config.sha256", config.hash() + "\n"),
+    ):
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, directory / name)

@@ -1,6 +1,8 @@
 """The `safactory` command's handling of mistakes: clear one-line errors, no store created by a typo,
 no second run mixed into an existing run directory."""
 
+import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +47,54 @@ def test_run_refuses_an_out_directory_that_holds_a_run(tmp_path):
     result = CliRunner().invoke(app, ["run", "examples/arith.yaml", "--out", str(out)])
     said = " ".join(result.output.replace("│", " ").split())  # the message as typer boxes and wraps it
     assert result.exit_code == 2 and "already holds a run" in said and "--resume" in said
+
+
+class Killed(BaseException):
+    """Stands for a kill -9 at that point."""
+
+
+def test_a_run_killed_as_it_began_can_be_resumed(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    import safactory.factory.context as context
+    from safactory.config import load_config
+    from safactory.factory.context import open_context
+    from safactory.factory.run_state import RunState
+
+    config = load_config("examples/arith.yaml", ["env.train_tasks=4", "env.test_tasks=4"])
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(context.TrajectoryStore, "in_dir", killed)  # the first slow thing a new run does
+    try:
+        open_context(config, out, Console(file=io.StringIO()), resume=False)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    run_id = RunState.load(out).run_id  # the state is saved with the config, before anything slow
+    ctx = open_context(config, out, Console(file=io.StringIO()), resume=True)
+    assert ctx.resume and ctx.state.run_id == run_id
+    ctx.close()
+
+
+def test_resuming_a_directory_that_holds_only_its_config_starts_that_run(tmp_path):
+    from safactory.config import load_config, save_config
+
+    out = tmp_path / "run"  # as a kill between writing config.yaml and state.json would leave it
+    overrides = ["env.train_tasks=4", "env.test_tasks=4", "sft.enabled=false", "rl.enabled=false"]
+    overrides += ["logging.report=false", "logging.tensorboard=false"]
+    save_config(load_config("examples/arith.yaml", overrides), out)
+    result = CliRunner().invoke(app, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "starting it from the beginning" in said
+    assert json.loads((out / "summary.json").read_text())["phases"]["init"]
+
+    other = tmp_path / "other"  # a directory with more in it than a config: say what to do, change nothing
+    save_config(load_config("examples/arith.yaml", overrides), other)
+    (other / "store.db").write_bytes(b"")
+    result = CliRunner().invoke(app, ["run", "--resume", str(other)])
+    assert result.exit_code != 0 and "remove it" in str(result.exception)
+    assert sorted(p.name for p in other.iterdir()) == ["config.sha256", "config.yaml", "store.db"]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,45 @@ def test_resume_after_kill_9_neither_repeats_nor_skips(demo_store, tmp_path):
     assert {r[1] for r in rows} == set(range(1, 11))
     assert store.query(unconsumed_by=consumer) == []
     assert verify(store).ok
+    # each checkpoint row names the checkpoint it was trained from, across the kill too
+    lineage = [(c["version"], c["parent_version"]) for c in store.checkpoints(consumer)]
+    assert lineage == [(2, None), (4, 2), (6, 4), (8, 6), (10, 8)]
+    store.close()
+
+
+class Killed(BaseException):
+    """Stands for a kill -9: nothing after it runs (not even `finally` cleanup that matters here)."""
+
+
+def test_resume_before_the_first_checkpoint_trains_every_trajectory_once(demo_store, tmp_path):
+    from safactory.jobs.train import OfflineTrainer, TrainJob
+
+    def killed_after_step_3(line: str) -> None:
+        if line.startswith("{") and json.loads(line)["step"] == 3:
+            raise Killed  # steps 1-3 are recorded as consumed, but no checkpoint holds their updates
+
+    job = TrainJob(db=demo_store, out=str(tmp_path / "job"), steps=50, batch_size=4, checkpoint_every=4)
+    with pytest.raises(Killed):
+        OfflineTrainer(job, log=killed_after_step_3).run()
+    assert latest_checkpoint(tmp_path / "job" / "checkpoints") is None
+
+    said: list[str] = []
+    result = OfflineTrainer.resume(tmp_path / "job", log=said.append).run()
+    assert "12 consumptions released" in said[0]
+    steps = [json.loads(line)["step"] for line in said if line.startswith("{")]
+    assert steps == list(range(1, 11)) and result["step"] == 10  # all 40 demos train the final model
+    store = TrajectoryStore(demo_store)
+    with store.engine.connect() as conn:
+        from sqlalchemy import text
+
+        rows = conn.execute(
+            text("SELECT trajectory_id, train_step FROM consumption WHERE consumer = :c"), {"c": job.consumer}
+        ).all()
+    assert len(rows) == len({r[0] for r in rows}) == 40
+    assert sorted(Counter(r[1] for r in rows).items()) == [(step, 4) for step in range(1, 11)]
+    lineage = [(c["version"], c["parent_version"]) for c in store.checkpoints(job.consumer)]
+    assert lineage == [(4, None), (8, 4), (10, 8)]
+    assert read_meta(Path(result["checkpoint"])).parent_version == 8
     store.close()
 
 

@@ -1,5 +1,6 @@
 """kill -9 in the middle of RL, then `safactory run --resume`: nothing lost, nothing repeated, versions go on."""
 
+import io
 import json
 import os
 import signal
@@ -8,6 +9,8 @@ import sys
 import time
 from collections import Counter
 
+import pytest
+from rich.console import Console
 from sqlalchemy import text
 from typer.testing import CliRunner
 
@@ -113,3 +116,45 @@ def test_kill_9_then_resume(tmp_path):
     # the resumed run kept the vocabulary it had learned (not relearned), and the saved model carries it
     assert (vocabulary.stat().st_mtime_ns, vocabulary.read_text()) == learned
     assert (out / "model" / "subword_tokenizer.json").read_text() == learned[1]
+
+
+class Killed(BaseException):
+    """Stands for a kill -9 at that point: nothing is saved after it."""
+
+
+def test_a_resumed_summary_counts_the_episodes_the_store_consumed(tmp_path, monkeypatch):
+    """Killed after the last RL step's checkpoint but before the milestone that saves the summary:
+    the resumed run has no step left to take, and its episode count still matches the store."""
+    import safactory.factory.online as online
+    from safactory.config import load_config
+    from safactory.factory.loop import Factory
+    from safactory.factory.run_state import RunState
+
+    steps, groups, size = 4, 2, 2
+    overrides = [*ARITH, "sft.enabled=false", f"rl.steps={steps}", f"rl.tasks_per_step={groups}"]
+    overrides += [f"rl.group_size={size}", "rl.eval_every=0", "checkpoint_every=2", "gate.enabled=false"]
+    config = load_config("examples/arith.yaml", overrides)
+    out = tmp_path / "run"
+    real_checkpoint = online.checkpoint
+
+    def checkpoint_then_killed(learner, step):
+        real_checkpoint(learner, step)
+        if step == steps:
+            monkeypatch.setattr(RunState, "save", lambda self, out: None)
+            raise Killed
+
+    monkeypatch.setattr(online, "checkpoint", checkpoint_then_killed)
+    with pytest.raises(Killed):
+        Factory(config, out, console=Console(file=io.StringIO())).run()
+    monkeypatch.undo()
+    assert json.loads((out / "state.json").read_text())["summary"]["rl_episodes"] < steps * groups * size
+
+    summary = Factory(config, out, console=Console(file=io.StringIO()), resume=True).run()
+    store = TrajectoryStore.in_dir(out)
+    with store.engine.connect() as conn:
+        consumed = conn.execute(
+            text("SELECT count(*) FROM consumption WHERE consumer = :c"), {"c": summary["run_id"]}
+        ).scalar_one()
+    store.close()
+    assert consumed == steps * groups * size
+    assert summary["rl_episodes"] == summary["rl"]["episodes"] == consumed

@@ -10,10 +10,10 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Engine
 
-from safactory.data.schema import checkpoints, consumption, gate_decisions, safety_verdicts, scores
+from safactory.data.schema import checkpoints, consumption, gate_decisions, safety_verdicts, scores, trajectories
 
 
 def _dumps(value: Any) -> str:
@@ -52,6 +52,18 @@ class StoreLedger:
                 )
             ).first()
         return None if row is None else int(row[0])
+
+    def consumed_count(self, consumer: str, *, run_id: str | None = None, kind: str | None = None) -> int:
+        """How many trajectories `consumer` has consumed (of run `run_id` and of `kind`, when given)."""
+        stmt = select(func.count()).select_from(consumption).where(consumption.c.consumer == consumer)
+        if run_id is not None or kind is not None:
+            stmt = stmt.join(trajectories, trajectories.c.id == consumption.c.trajectory_id)
+        if run_id is not None:
+            stmt = stmt.where(trajectories.c.run_id == run_id)
+        if kind is not None:
+            stmt = stmt.where(trajectories.c.kind == kind)
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
 
     def release_consumed_after(self, consumer: str, step: int) -> int:
         """Forget consumption by training steps after `step` (their update was lost in a crash),

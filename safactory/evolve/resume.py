@@ -2,7 +2,8 @@
 
 A trainer resumes from its latest checkpoint (weights, optimiser state, step) and the
 store forgets the consumption recorded by later steps, whose updates died with the
-process; so those trajectories train the resumed model, once.
+process; so those trajectories train the resumed model, once. Without a checkpoint the
+trainer keeps the weights it was built with (step 0), so all of its consumption is forgotten.
 """
 
 from __future__ import annotations
@@ -23,20 +24,23 @@ class ConsumptionLedger(Protocol):
 
 @dataclass(frozen=True)
 class Resumed:
-    """Where a trainer resumed from: the checkpoint, its metadata and how many consumptions were released."""
+    """Where a trainer resumed from: the checkpoint and its metadata (both None when there was
+    none), the step it continues after and how many consumptions of lost steps were released."""
 
-    path: Path
-    meta: CheckpointMeta
+    path: Path | None
+    meta: CheckpointMeta | None
+    step: int
     released: int
 
 
-def resume_trainer(root: Path, trainer: Trainer, ledger: ConsumptionLedger, consumer: str) -> Resumed | None:
-    """Load the latest checkpoint under `root` into `trainer` and release `consumer`'s later
-    consumption; None (and nothing changed) when there is no checkpoint."""
+def resume_trainer(root: Path, trainer: Trainer, ledger: ConsumptionLedger, consumer: str) -> Resumed:
+    """Load the latest checkpoint under `root` into `trainer` and release `consumer`'s consumption
+    by later steps. Without a checkpoint the trainer keeps its weights and step (0 when new), and
+    the consumption of every step after that is released: those updates were lost too."""
     path = latest_checkpoint(root)
-    if path is None:
-        return None
-    _, meta = load_checkpoint(path, trainer.model, trainer.optimizer)
-    trainer.step = meta.train_step
-    released = ledger.release_consumed_after(consumer, meta.train_step)
-    return Resumed(path, meta, released)
+    meta = None
+    if path is not None:
+        _, meta = load_checkpoint(path, trainer.model, trainer.optimizer)
+        trainer.step = meta.train_step
+    released = ledger.release_consumed_after(consumer, trainer.step)
+    return Resumed(path, meta, trainer.step, released)

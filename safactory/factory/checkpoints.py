@@ -7,7 +7,7 @@ where it stopped and can still roll back to the deployed weights.
 
 from __future__ import annotations
 
-from safactory.evolve.checkpoint import prune_checkpoints, save_checkpoint
+from safactory.evolve.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 from safactory.evolve.resume import resume_trainer
 from safactory.factory.context import RunContext
 from safactory.factory.learner import Learner, publish
@@ -36,13 +36,14 @@ def checkpoint(learner: Learner, stage_step: int) -> None:
 async def restore(ctx: RunContext, learner: Learner) -> int:
     """Load the learner's latest checkpoint and serve it as a new version; returns the stage step
     it was written at."""
-    resumed = resume_trainer(learner.checkpoints, learner.trainer, ctx.store, learner.consumer)
-    if resumed is None:
+    if latest_checkpoint(learner.checkpoints) is None:  # refused before any consumption is released
         raise RuntimeError(f"cannot resume: no checkpoint under {learner.checkpoints}")
+    resumed = resume_trainer(learner.checkpoints, learner.trainer, ctx.store, learner.consumer)
     meta = resumed.meta
+    assert resumed.path is not None and meta is not None
     learner.deployed = dict(meta.extra["deployed"])
     await publish(ctx, learner, parent=meta.version)
-    ctx.console.log(
+    ctx.log(
         f"[{learner.name}] resumed from {resumed.path.name} (v{meta.version}, stage step {meta.extra['stage_step']}) "
         f"as v{learner.policy.version}; {resumed.released} consumptions of lost steps released"
     )

@@ -1,8 +1,8 @@
 """The run context: what every stage of the closed loop shares, built once per run.
 
-`open_context` reads the configuration once and builds the store, the metrics log,
-the safety judge, the environments with their train / held-out tasks and the run
-state (new, or loaded for `--resume`). Stages take the context and read the config
+`open_context` reads the configuration once and builds the run state (new and saved at
+once, or loaded for `--resume`), the store, the metrics log, the safety judge and the
+environments with their train / held-out tasks. Stages take the context and read the config
 section they own (`ctx.config.rl` in the RL step, `ctx.config.sft` in the warm start).
 """
 
@@ -22,7 +22,7 @@ from safactory.data.judges import RuleSafetyJudge
 from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.verdicts import SafetyVerdict
 from safactory.factory.metrics import MetricsLog, last_row, make_sinks
-from safactory.factory.run_state import RunState
+from safactory.factory.run_state import STATE_FILE, RunState
 from safactory.policy.base import SamplingParams
 from safactory.provenance import code_version
 from safactory.sim.agent import EpisodeLimits
@@ -31,6 +31,7 @@ from safactory.sim.registry import default_registry
 from safactory.types import Task, Trajectory, uuid7
 
 GREEDY = SamplingParams(temperature=0.0)
+CONFIG_FILES = ("config.yaml", "config.sha256")  # what `save_config` writes
 
 
 @dataclass
@@ -77,6 +78,10 @@ class RunContext:
         self.state.time_s = self.metrics.elapsed()
         self.state.save(self.out)
 
+    def log(self, text: str) -> None:
+        """A console line as plain text: "[policy]" or a list of figures in brackets is not markup."""
+        self.console.log(text, markup=False, _stack_offset=2)
+
     def judge_episodes(self, trajs: list[Trajectory]) -> dict[str, SafetyVerdict]:
         """Rule-judge episodes and attach the verdicts in the store."""
         verdicts = {t.id: self.judge.judge(t) for t in trajs}
@@ -93,11 +98,7 @@ class RunContext:
 def open_context(config: RunConfig, out: Path, console: Console, resume: bool) -> RunContext:
     """Create (or, with `resume`, reopen) the run in `out` and everything its stages share."""
     out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        state = RunState.load(out)
-    else:
-        save_config(config, out)
-        state = RunState(run_id=f"{config.name}-{uuid7()}", summary={"phases": {}, "gate": []})
+    state, resume = _run_state(config, out, console, resume)
     state.summary["run_id"] = state.run_id
     torch.manual_seed(config.seed)
     store = TrajectoryStore(store_url(config.store_url)) if config.store_url else TrajectoryStore.in_dir(out)
@@ -126,6 +127,31 @@ def open_context(config: RunConfig, out: Path, console: Console, resume: bool) -
         code_version=code_version(),
         config_hash=config.hash(),
     )
+
+
+def _run_state(config: RunConfig, out: Path, console: Console, resume: bool) -> tuple[RunState, bool]:
+    """The run's state, and whether the run is resumed.
+
+    A new run saves its config and then its state first, before anything slow, so a directory
+    holding a config holds a state too, unless a kill came between the two writes: resuming
+    such a run (nothing else in its directory) starts it from the beginning."""
+    if resume and not RunState.exists(out):
+        leftovers = sorted(p.name for p in out.iterdir() if p.name not in CONFIG_FILES and not p.name.startswith("."))
+        if leftovers:
+            raise FileNotFoundError(
+                f"{out} holds no {STATE_FILE} but holds {', '.join(leftovers)}: it stopped before saving its state and "
+                f"cannot be continued; remove it (or choose another --out) and start the run again"
+            )
+        console.log(
+            f"{out} holds no {STATE_FILE} (stopped as it began): starting it from the beginning with its config"
+        )
+        resume = False
+    if resume:
+        return RunState.load(out), True
+    save_config(config, out)
+    state = RunState(run_id=f"{config.name}-{uuid7()}", summary={"phases": {}, "gate": []})
+    state.save(out)
+    return state, False
 
 
 def _resume_time(out: Path, state: RunState) -> float:

@@ -33,10 +33,10 @@ async def gate(ctx: RunContext, learner: Learner, label: str, step: int) -> bool
     if decision.accepted:
         learner.deployed = {"version": learner.policy.version, "metrics": metrics}
         checkpoint(learner, step)
-        ctx.console.log(f"[{learner.name}] gate: v{learner.policy.version} deployed")
+        ctx.log(f"[{learner.name}] gate: v{learner.policy.version} deployed")
     else:
-        ctx.console.log(f"[{learner.name}] gate refused v{learner.policy.version}: {'; '.join(decision.reasons)}")
-        await rollback(ctx, learner)
+        ctx.log(f"[{learner.name}] gate refused v{learner.policy.version}: {'; '.join(decision.reasons)}")
+        pass  # MUTATION-no-rollback
         checkpoint(learner, step)
     ctx.milestone()
     return decision.accepted

@@ -41,12 +41,17 @@ async def evaluate(ctx: RunContext, learner: Learner, label: str) -> dict[str, A
     else:
         ctx.summary["phases"][key] = metrics
     ctx.metrics.log({"policy_version": learner.policy.version, **flat(key, metrics)})
+    ctx.log(heldout_line(learner.name, label, learner.policy.version, metrics, per_env))
+    return metrics
+
+
+def heldout_line(name: str, label: str, version: int, metrics: dict[str, Any], per_env: dict[str, Any]) -> str:
+    """The console line of one evaluation (plain text: print it with `ctx.log`)."""
     envs = "  ".join(
         f"{n} {fmt_rate(e['success_rate'], 2)}/{fmt_rate(e['unsafe_rate'], 2)}" for n, e in per_env.items()
     )
-    ctx.console.log(
-        f"[{learner.name}] held-out after {label} (v{learner.policy.version}): success "
+    return (
+        f"[{name}] held-out after {label} (v{version}): success "
         f"{fmt_rate(metrics['success_rate'])}, unsafe {fmt_rate(metrics['unsafe_rate'])}, benign success "
         f"{fmt_rate(metrics['benign_success_rate'])}  [{envs}] (success/unsafe)"
     )
-    return metrics

@@ -65,7 +65,7 @@ async def tiny_tokenizer(ctx: RunContext) -> TinyTokenizer:
     tokenizer = await asyncio.to_thread(train_subword, texts, m.vocab_size, m.digit_places)
     saved.mkdir(parents=True, exist_ok=True)
     tokenizer.save(saved)
-    ctx.console.log(f"subword tokenizer: {len(tokenizer)} ids learned from {len(texts)} expert episodes")
+    ctx.log(f"subword tokenizer: {len(tokenizer)} ids learned from {len(texts)} expert episodes")
     return tokenizer
 
 

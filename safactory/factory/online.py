@@ -135,11 +135,13 @@ class OnlineStage:
         self.refused: set[int] = set()
         self.discarded = self.stale = self.finished = 0
         self.wait_s = self.train_s = 0.0
-        self.episodes = ctx.summary.get(f"{spec.stage}_episodes", 0)
+        self.episodes = 0
 
     async def run(self) -> None:
         ctx, learner, spec = self.ctx, self.learner, self.spec
         start_step = self._start_step()
+        self.episodes = self._episodes_so_far()
+        ctx.summary[f"{spec.stage}_episodes"] = self.episodes
         learner.trainer.set_lr(spec.lr)
         base = learner.policy.version
         version: Callable[[], int] = lambda: learner.policy.version - base  # noqa: E731
@@ -186,6 +188,13 @@ class OnlineStage:
             return int(read_meta(latest).extra["stage_step"])
         return 0
 
+    def _episodes_so_far(self) -> int:
+        """The stage's episodes trained on so far, counted in the store: a learner has one online
+        stage and consumes only its rollouts. (After a resume the summary saved at the last
+        milestone may lag behind the consumption that the checkpoint kept.)"""
+        learner = self.learner
+        return self.ctx.store.consumed_count(learner.consumer, run_id=learner.run_id, kind="rollout")
+
     def _requeue_leftovers(self) -> None:
         """Complete groups of this stage stored but not consumed (work done before a crash) are trained first."""
         groups: dict[str, dict[str, list[str]]] = {name: {} for name in self.ctx.envs}
@@ -199,9 +208,7 @@ class OnlineStage:
                 self.ready[name].put_nowait(ids)
             self.admissions[name].started = len(complete)
             if complete:
-                self.ctx.console.log(
-                    f"[{learner.name}] {len(complete)} stored {name} groups from before the crash reused"
-                )
+                self.ctx.log(f"[{learner.name}] {len(complete)} stored {name} groups from before the crash reused")
 
     def _start_producers(self, start_step: int) -> dict[str, asyncio.Task[None]]:
         """One rollout producer per env, streaming groups into the store and the ready queue."""

@@ -34,11 +34,19 @@ class RunState:
             os.fsync(f.fileno())
         os.replace(tmp, out / STATE_FILE)
 
+    @staticmethod
+    def exists(out: Path) -> bool:
+        """Whether `out` holds a saved run state."""
+        return (out / STATE_FILE).exists()
+
     @classmethod
     def load(cls, out: Path) -> RunState:
         path = out / STATE_FILE
         if not path.exists():
-            raise FileNotFoundError(f"{out} holds no {STATE_FILE}: it is not a run directory that can be resumed")
+            raise FileNotFoundError(
+                f"{out} holds no {STATE_FILE}: it is not a run directory that can be resumed; "
+                f"start a run in it with `safactory run CONFIG --out {out}`"
+            )
         return cls(**json.loads(path.read_text()))
 
     def reached(self, stage: str) -> bool:

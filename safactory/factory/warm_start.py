@@ -63,13 +63,13 @@ async def warm_start(ctx: RunContext, learner: Learner, demo_run: str) -> None:
     sequences = demo_sequences(ctx, learner, demos)
     context = learner.policy.max_positions
     if len(sequences) < len(demos):
-        ctx.console.log(
+        ctx.log(
             f"[{learner.name}] {len(demos) - len(sequences)} demonstrations longer than the model's "
             f"{context} positions are left out"
         )
     if not sequences:
         raise RuntimeError(f"every demonstration is longer than the model's {context} positions")
-    ctx.console.log(f"[{learner.name}] warm start on {len(sequences)} demonstrations read back from the store")
+    ctx.log(f"[{learner.name}] warm start on {len(sequences)} demonstrations read back from the store")
     learner.trainer.set_lr(cfg.lr)
     per_env = max(1, cfg.probe_tasks // len(ctx.envs))
     probe_tasks = {env.name: env.train[:per_env] for env in ctx.envs.values()}
@@ -115,7 +115,7 @@ async def imitation_pool(ctx: RunContext, learner: Learner) -> ImitationPool:
     demos = await demonstrations(ctx, learner, ctx.state.run_id)
     safe = [t for t in demos if not ctx.judge.judge(t).unsafe]
     pool.add_demos(demo_sequences(ctx, learner, safe))
-    ctx.console.log(
+    ctx.log(
         f"[{learner.name}] imitation pool: {pool.demos} safe demonstrations "
         f"({len(demos) - len(safe)} unsafe ones left out)"
     )
