@@ -5,7 +5,8 @@ real `reset` and `step`: tool-call checks, `calc` parsing and evaluating the
 expression, `answer` checking the value). The policy answers every turn at once with
 what a correct agent says, a `calc` call of the task's expression and then `answer`
 with its value, both precomputed per task, so the policy itself costs next to
-nothing. `RolloutRunner.stream` runs E such episodes (two steps each); the baseline is
+nothing; sampling asks max_tokens = the per-turn token limit, as `safactory rollout`
+does. `RolloutRunner.stream` runs E such episodes (two steps each); the baseline is
 a bare asyncio loop that resets the same environment on the same tasks and awaits
 `env.step` with the same actions, in the same process and run. Every pass is timed in
 CPU time of this process (`time.process_time`), repeats are interleaved and medians
@@ -76,6 +77,9 @@ class TrivialEnv:
 
 # ---- a workload: env, tasks and the precomputed answers of each task --------------------------
 
+SAMPLING = SamplingParams(max_tokens=EpisodeLimits().max_tokens_per_turn)
+"""As `safactory rollout` asks: max_tokens is the per-turn token limit."""
+
 
 class ScriptedPolicy:
     """Answers instantly with the task's precomputed completions, the n-th on the n-th turn.
@@ -106,7 +110,9 @@ class Workload:
 
     def actions(self) -> list[list[Message]]:
         """The action messages the bare loop hands to `env.step` (built once, outside the timing)."""
-        return [[Message(role="assistant", content=c.text, tool_calls=c.tool_calls) for c in cs] for cs in self.completions]
+        return [
+            [Message(role="assistant", content=c.text, tool_calls=c.tool_calls) for c in cs] for cs in self.completions
+        ]
 
     @property
     def steps(self) -> int:
@@ -122,7 +128,10 @@ def arith_workload(episodes: int) -> Workload:
         calc = ToolCall(id="call_1", name="calc", arguments={"expression": expr})
         answer = ToolCall(id="call_3", name="answer", arguments={"value": value})
         completions.append(
-            [Completion(text=f"calc({expr})", tool_calls=[calc]), Completion(text=f"answer({value})", tool_calls=[answer])]
+            [
+                Completion(text=f"calc({expr})", tool_calls=[calc]),
+                Completion(text=f"answer({value})", tool_calls=[answer]),
+            ]
         )
     return Workload("arith", ArithEnv, tasks, completions)
 
@@ -143,10 +152,8 @@ async def runner_steps(work: Workload, concurrency: int) -> tuple[int, float]:
     does (retaining every trajectory until the end would add CPython garbage-collector
     work that grows with the number of live objects, which is the caller's choice).
     """
-    longest = max(len(cs) for cs in work.completions)
-    runner = RolloutRunner(
-        work.env_factory, work.policy(), limits=EpisodeLimits(max_turns=longest), concurrency=concurrency, run_id="b"
-    )
+    limits = EpisodeLimits(max_turns=max(len(cs) for cs in work.completions))
+    runner = RolloutRunner(work.env_factory, work.policy(), limits=limits, concurrency=concurrency, run_id="b")
     counted = {"steps": 0, "episodes": 0, "succeeded": 0}
 
     async def sink(group: list[Trajectory]) -> None:
@@ -157,7 +164,7 @@ async def runner_steps(work: Workload, concurrency: int) -> tuple[int, float]:
 
     admission = Admission(groups_per_batch=len(work.tasks), eta=0, version=lambda: 0)  # never holds a group back
     start = time.process_time()
-    await runner.stream(iter(work.tasks), 1, SamplingParams(), admission, sink)
+    await runner.stream(iter(work.tasks), 1, SAMPLING, admission, sink)
     elapsed = time.process_time() - start
     assert counted["steps"] == work.steps, f"expected {work.steps} steps, got {counted['steps']}"
     assert counted["succeeded"] == counted["episodes"] == len(work.tasks), counted
@@ -190,7 +197,7 @@ async def floor_steps(work: Workload) -> tuple[int, float]:
     message = Message.__pydantic_validator__.validate_python
     trajectory = Trajectory.__pydantic_validator__.validate_python
     policy = work.policy()
-    sampling = SamplingParams()
+    sampling = SAMPLING
     start = time.process_time()
     steps = 0
     for task, episode in zip(work.tasks, work.completions, strict=True):

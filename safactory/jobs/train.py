@@ -2,10 +2,11 @@
 
 The job is one consumer of the store: each optimiser step takes trajectories this
 consumer has not used, trains on them, then records their consumption with the step
-number. Every `checkpoint_every` steps it writes a checkpoint. After a crash (even
-kill -9), `resume` loads the last checkpoint and releases the consumption of later
-steps, whose updates were lost with the process; so the final model has seen every
-eligible trajectory exactly once.
+number. Every `checkpoint_every` steps it writes a checkpoint, recorded in the store with
+the checkpoint before it as parent. After a crash (even kill -9), `resume` loads the last
+checkpoint (none yet: the initial weights) and releases the consumption of later steps,
+whose updates were lost with the process; so the final model has seen every eligible
+trajectory exactly once.
 """
 
 from __future__ import annotations
@@ -84,13 +85,17 @@ class OfflineTrainer:
         self.chat = PlainTextChat(tokenizer)
         self.trainer = Trainer(model, lr=job.lr, pad_id=tokenizer.pad_id)
         self.version = 0
+        self.saved: tuple[int, Path] | None = None  # the version of the latest checkpoint, and where it is
         resumed = resume_trainer(self.ckpt_root, self.trainer, self.store, job.consumer)
-        if resumed is not None:
+        if resumed.path is not None and resumed.meta is not None:
             self.version = resumed.meta.version
+            self.saved = (self.version, resumed.path)
             self.log(
-                f"resumed from {resumed.path.name} (step {resumed.meta.train_step}); "
+                f"resumed from {resumed.path.name} (step {resumed.step}); "
                 f"{resumed.released} consumptions of lost steps released"
             )
+        elif resumed.released:  # stopped before its first checkpoint: those steps start again from the initial weights
+            self.log(f"no checkpoint to resume from: starting again; {resumed.released} consumptions released")
         self.teacher = None
         if job.mode == "opd":
             if not job.teacher:
@@ -168,13 +173,18 @@ class OfflineTrainer:
         return f"no unconsumed {job.default_kind()} trajectories{run} to train on{hint}"
 
     def _checkpoint(self) -> Path:
+        """Save the current version (once); its parent is the checkpoint it was trained from
+        (None for the first, trained from the initial weights)."""
+        if self.saved is not None and self.saved[0] == self.version:
+            return self.saved[1]
+        parent = self.saved[0] if self.saved is not None else None
         path = save_checkpoint(
             self.ckpt_root,
             model=self.trainer.model,
             tokenizer=self.tokenizer,
             optimizer=self.trainer.optimizer,
             version=self.version,
-            parent_version=self.version - 1 if self.version > 0 else None,
+            parent_version=parent,
             train_step=self.trainer.step,
             extra={"consumer": self.job.consumer, "mode": self.job.mode},
         )
@@ -183,6 +193,8 @@ class OfflineTrainer:
             self.version,
             weights_hash=json.loads((path / "checkpoint.json").read_text())["weights_hash"],
             train_step=self.trainer.step,
+            parent_version=parent,
             path=str(path),
         )
+        self.saved = (self.version, path)
         return path

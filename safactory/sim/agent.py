@@ -13,7 +13,8 @@ The loop is on the hot path of every rollout, so it skips work that buys nothing
   one that suspends is bounded by the same deadline as with `asyncio.wait_for`.
   The episode's own time limit works the same way;
 * the sampling parameters are copied once per distinct token budget, not per turn,
-  and the budget is recomputed only when a traced turn used tokens;
+  and not at all while the caller's `max_tokens` is the budget; the budget is
+  recomputed only when a traced turn used tokens;
 * a deadline reads `time.monotonic` directly when the loop's clock is that (asyncio's
   default loop), saving a Python call per step;
 * during the episode each step is kept as a plain dict of its fields (the action
@@ -314,7 +315,9 @@ async def _loop(
         if turn_budget != budget:  # one copy per distinct budget, not one per turn
             if turn_budget <= 0:
                 return "token_limit"
-            params, budget = sampling.model_copy(update={"max_tokens": turn_budget}), turn_budget
+            params, budget = sampling, turn_budget  # the caller's own when they say max_tokens = budget already
+            if sampling.max_tokens != budget:
+                params = sampling.model_copy(update={"max_tokens": budget})
         try:
             completion = await generate(messages, tools, params)
         except Exception as exc:

@@ -175,14 +175,18 @@ class RolloutRunner:
         tags: dict[str, Any],
     ) -> Trajectory:
         seed = episode_seed(self.seed, task.id, index)
+        slots = self._slots
         attempt = 0
         while True:
             attempt += 1
-            async with self._slots:
+            await slots.acquire()  # what `async with slots` does, without its two extra coroutines
+            try:
                 provenance = self.provenance() if self.provenance else None
                 traj, start_error = await self._attempt(
                     task, seed, group_id, task_hash, sampling, kind, tags, provenance
                 )
+            finally:
+                slots.release()
             if start_error is None or attempt >= self.retry.attempts or not self.retry.retryable(start_error):
                 break
             self.start_retries += 1
