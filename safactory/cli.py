@@ -29,11 +29,18 @@ DbOption = Annotated[
 ]
 
 
-def _open_store(db: str, *, existing: bool = True) -> TrajectoryStore:
-    """The store `--db` names; with `existing` (the default: commands that read it) it must be there."""
+RawOption = Annotated[
+    bool, typer.Option("--raw", help="Keep secrets and personal data as they are (default: redacted)")
+]
+
+
+def _open_store(db: str, *, existing: bool = True, redact: bool = False) -> TrajectoryStore:
+    """The store `--db` names; with `existing` (the default: commands that read it) it must be there;
+    with `redact`, what is stored through it is redacted first."""
+    from safactory.data.redact import Redactor
     from safactory.data.store import TrajectoryStore, store_url
 
-    return TrajectoryStore(store_url(db, existing=existing))
+    return TrajectoryStore(store_url(db, existing=existing), redactor=Redactor() if redact else None)
 
 
 @app.command()
@@ -290,16 +297,21 @@ def data_export(
     run: Annotated[str | None, typer.Option(help="Only this run id")] = None,
     kind: Annotated[str | None, typer.Option(help="Only this kind")] = None,
     success_only: Annotated[bool, typer.Option("--success-only", help="Only successful trajectories")] = False,
+    raw: RawOption = False,
 ) -> None:
-    """Export trajectories (lossless jsonl/parquet, TRL conversational, token-level RL)."""
+    """Export trajectories (lossless jsonl/parquet, TRL conversational, token-level RL); secrets and personal
+    data are redacted unless --raw (trajectories the store already redacted are written as stored)."""
     from rich.progress import Progress
 
-    from safactory.jobs.export import export
+    from safactory.data.redact import Redactor
+    from safactory.jobs.export import export, redacted
 
     store = _open_store(db)
     rows = store.iter(run_id=run, kind=kind)
     if success_only:
         rows = (t for t in rows if t.success)
+    if not raw:
+        rows = redacted(rows, Redactor())
     with Progress(console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("exporting", total=store.count(run_id=run, kind=kind))
         n = export(rows, fmt, out, progress=lambda k: progress.advance(bar, k))
@@ -311,13 +323,15 @@ def data_export(
 def data_import(
     db: DbOption,
     path: Annotated[Path, typer.Argument(help="A jsonl or parquet export")],
+    raw: RawOption = False,
 ) -> None:
-    """Import a lossless export; every content hash is checked, existing ids are skipped."""
+    """Import a lossless export; every content hash is checked, existing ids are skipped; secrets and personal
+    data are redacted before they are stored unless --raw."""
     from rich.progress import Progress
 
     from safactory.jobs.export import import_trajectories
 
-    store = _open_store(db, existing=False)
+    store = _open_store(db, existing=False, redact=not raw)
     with Progress(console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("importing", total=None)
         n = import_trajectories(store, path, progress=lambda k: progress.advance(bar, k))

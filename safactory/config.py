@@ -190,6 +190,12 @@ class RunConfig(_Strict):
     store_url: str | None = Field(
         None, description="The store: a SQLAlchemy URL, a SQLite file or a directory; default: OUT/store.db (SQLite)."
     )
+    redact: bool = Field(
+        True,
+        description="Redact secrets and personal data (and the secrets a task declares) from every trajectory and "
+        "task record before it is stored; turns whose tokens hold a secret lose their token trace. false stores raw "
+        "data (recorded in each trajectory's provenance).",
+    )
     env: EnvConfig | None = Field(None, description="Shorthand for a single environment (same as envs: [env]).")
     envs: list[EnvConfig] = Field(default_factory=list, description="Environments of the run (default: arith).")
     model: ModelConfig = Field(default_factory=ModelConfig)

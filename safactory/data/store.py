@@ -105,8 +105,8 @@ class TrajectoryStore(StoreLedger):
                 time.sleep(0.05 * attempt)
 
     @classmethod
-    def in_dir(cls, directory: str | Path) -> TrajectoryStore:
-        return cls(f"sqlite:///{Path(directory).resolve() / 'store.db'}")
+    def in_dir(cls, directory: str | Path, *, redactor: Redactor | None = None) -> TrajectoryStore:
+        return cls(f"sqlite:///{Path(directory).resolve() / 'store.db'}", redactor=redactor)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from safactory.config import RunConfig, save_config
 from safactory.data.judges import RuleSafetyJudge
+from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.verdicts import SafetyVerdict
 from safactory.factory.metrics import MetricsLog, last_row, make_sinks
@@ -101,7 +102,11 @@ def open_context(config: RunConfig, out: Path, console: Console, resume: bool) -
     state, resume = _run_state(config, out, console, resume)
     state.summary["run_id"] = state.run_id
     torch.manual_seed(config.seed)
-    store = TrajectoryStore(store_url(config.store_url)) if config.store_url else TrajectoryStore.in_dir(out)
+    redactor = Redactor() if config.redact else None
+    if config.store_url:
+        store = TrajectoryStore(store_url(config.store_url), redactor=redactor)
+    else:
+        store = TrajectoryStore.in_dir(out, redactor=redactor)
     log = config.logging
     metrics = MetricsLog(
         out / "metrics.jsonl",

@@ -131,6 +131,7 @@ def provenance(ctx: RunContext, learner: Learner) -> dict[str, Any]:
         "code_version": ctx.code_version,
         "policy_version_at_start": version,
         "weights_hash": learner.weights_hashes.get(version, ""),
+        "redacted": ctx.config.redact,
     }
 
 

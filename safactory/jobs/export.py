@@ -22,6 +22,7 @@ from typing import Any
 from pydantic_core import to_json
 
 from safactory.data.codec import content_hash
+from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.experience import rl_sequences
 from safactory.types import Message, ToolSpec, Trajectory
@@ -116,6 +117,19 @@ def _unflat(row: dict[str, Any]) -> Trajectory:
     for key in _NESTED:
         data[key] = json.loads(data[key])
     return Trajectory.model_validate(data)
+
+
+def redacted(trajectories: Iterable[Trajectory], redactor: Redactor) -> Iterator[Trajectory]:
+    """The trajectories with secrets and personal data redacted, for export. One the store already
+    redacted (it carries `tags["redactions"]`) passes as it is; another becomes a redacted copy
+    with its own content hash, so the export still imports."""
+    for traj in trajectories:
+        if "redactions" in traj.tags:
+            yield traj
+            continue
+        copy = redactor.redact_trajectory(traj)
+        copy.content_hash = content_hash(copy)
+        yield copy
 
 
 def export(

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.writer import StoreWriter
 from safactory.policy.base import Policy, SamplingParams
@@ -68,6 +69,7 @@ class RolloutJob:
     seed: int = 0
     max_tokens: int = 64
     max_total_tokens: int | None = None  # None: max_tokens on every turn the turn limit allows
+    redact: bool = True  # secrets and personal data redacted before storing (False: raw, recorded in provenance)
 
     def __post_init__(self) -> None:
         for name in ("episodes", "concurrency", "group_size", "max_tokens"):
@@ -186,9 +188,10 @@ async def rollout(
         "policy": config.policy,
         "config_hash": sha256_hex(canonical_json(settings)),
         "code_version": _code_version(),
+        "redacted": config.redact,
     }
     summary.run_id, summary.planned = run_id, config.episodes
-    store = TrajectoryStore(store_url(config.db))
+    store = TrajectoryStore(store_url(config.db), redactor=Redactor() if config.redact else None)
     summary.store = store.url
     try:
         await asyncio.to_thread(
@@ -329,6 +332,10 @@ def rollout_command(
         int | None,
         typer.Option("--max-total-tokens", min=1, help="Tokens per episode (default: --max-tokens x the turn limit)"),
     ] = None,
+    raw: Annotated[
+        bool,
+        typer.Option("--raw", help="Store secrets and personal data as they are (default: redacted; recorded)"),
+    ] = False,
 ) -> None:
     """Run episodes of one environment against one policy, store every trajectory and print a summary."""
     try:
@@ -345,6 +352,7 @@ def rollout_command(
             seed=seed,
             max_tokens=max_tokens,
             max_total_tokens=max_total_tokens,
+            redact=not raw,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
