@@ -115,6 +115,11 @@ class RolloutSummary:
             self.errors[error_kind(traj.error)] += 1
 
     @property
+    def failed(self) -> int:
+        """Episodes that ended in an error (env, policy, timeout)."""
+        return sum(n for reason, n in self.terminations.items() if reason in ERROR_TERMINATIONS)
+
+    @property
     def success_rate(self) -> float:
         return self.successes / self.episodes if self.episodes else 0.0
 
@@ -356,7 +361,19 @@ def rollout_command(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    console = Console()
+    summary = _run_with_progress(config)
+    Console().print(summary_table(summary))
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if summary.episodes and summary.failed == summary.episodes:  # stored, but nothing worked: say so in the exit status
+        common = summary.errors.most_common(1)
+        reason = f": {common[0][0]} ({common[0][1]} times)" if common else ""
+        Console(stderr=True, highlight=False).print(f"every episode ended in an error{reason}", markup=False)
+        raise typer.Exit(1)
+
+
+def _run_with_progress(config: RolloutJob) -> RolloutSummary:
+    """Run the job under a progress bar (ok / error counts); Ctrl-C ends it with what finished."""
     summary = RolloutSummary()
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -367,11 +384,10 @@ def rollout_command(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        bar = progress.add_task(f"{env} x {policy}", total=episodes, ok=0, errors=0)
+        bar = progress.add_task(f"{config.env} x {config.policy}", total=config.episodes, ok=0, errors=0)
 
         def advance(traj: Trajectory) -> None:
-            failed = sum(n for reason, n in summary.terminations.items() if reason in ERROR_TERMINATIONS)
-            progress.update(bar, advance=1, ok=summary.successes, errors=failed)
+            progress.update(bar, advance=1, ok=summary.successes, errors=summary.failed)
 
         try:
             asyncio.run(rollout(config, summary=summary, on_episode=advance))
@@ -379,12 +395,4 @@ def rollout_command(
             summary.interrupted = True
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
-    console.print(summary_table(summary))
-    if summary.interrupted:
-        raise typer.Exit(130)
-    failed = sum(n for reason, n in summary.terminations.items() if reason in ERROR_TERMINATIONS)
-    if summary.episodes and failed == summary.episodes:  # stored, but nothing worked: say so in the exit status
-        common = summary.errors.most_common(1)
-        reason = f": {common[0][0]} ({common[0][1]} times)" if common else ""
-        Console(stderr=True, highlight=False).print(f"every episode ended in an error{reason}", markup=False)
-        raise typer.Exit(1)
+    return summary
