@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from safactory.policy.hf_export import save_tokenizer
 from safactory.provenance import weights_hash
 
 META = "checkpoint.json"
@@ -73,10 +74,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.save_pretrained(tmp, safe_serialization=True)
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(tmp)
-    else:
-        tokenizer.save(tmp)
+    save_tokenizer(tokenizer, tmp)  # a tiny one also as tokenizer.json + chat template (hf_export)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     ids = consumed_ids or []

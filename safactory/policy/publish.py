@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel
 
+from safactory.policy.hf_export import save_tokenizer
+
 
 class PublishError(RuntimeError):
     """A new version could not be published; the previous one keeps serving."""
@@ -60,10 +62,7 @@ class DiskPublisher:
         shutil.rmtree(tmp, ignore_errors=True)
         with torch.no_grad():
             model.save_pretrained(tmp, safe_serialization=True)
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(tmp)
-        else:
-            self.tokenizer.save(tmp)
+        save_tokenizer(self.tokenizer, tmp)  # a tiny one also as tokenizer.json + chat template (hf_export)
         final = self.path(version)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
