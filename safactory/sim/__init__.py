@@ -3,7 +3,7 @@
 What an environment author needs: `EnvSpec`, `Environment` (or the `ToolEnvironment`
 base class with `ToolError`), `TaskSource` and `draw_tasks` for tasks, `EnvEntry` and
 `EnvRegistry` to register it; what a caller needs: `default_registry`, `run_episode`,
-`RolloutRunner`, `EpisodeLimits`.
+`RolloutRunner`, `EpisodeLimits`; for tools that run untrusted code: `Sandbox`, `Limits`, `SandboxResult`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     )
     from safactory.sim.registry import default_registry
     from safactory.sim.runner import Admission, RolloutRunner
+    from safactory.sim.sandbox import Limits, Sandbox, SandboxResult
 
 _EXPORTS = {
     "Admission": "safactory.sim.runner",
@@ -34,7 +35,10 @@ _EXPORTS = {
     "EnvSpec": "safactory.sim.env",
     "Environment": "safactory.sim.env",
     "EpisodeLimits": "safactory.sim.agent",
+    "Limits": "safactory.sim.sandbox",
     "RolloutRunner": "safactory.sim.runner",
+    "Sandbox": "safactory.sim.sandbox",
+    "SandboxResult": "safactory.sim.sandbox",
     "TaskSource": "safactory.sim.env",
     "ToolEnvironment": "safactory.sim.env",
     "ToolError": "safactory.sim.env",
