@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from openai import OpenAI
 
+from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.losses import token_logprobs
 from safactory.policy.base import Completion, Policy, PolicyError, SamplingParams
@@ -114,7 +115,7 @@ class Swapped:
 
 
 def test_every_policy_version_a_completion_touched_comes_through_the_server(serve, tmp_path):
-    store = TrajectoryStore.in_dir(tmp_path)
+    store = TrajectoryStore.in_dir(tmp_path, redactor=Redactor())
     server = serve(create_policy_app(Swapped(), model_name="tiny", recorder=ProxyRecorder(store)))
     c = asyncio.run(fast(server.url).generate(MESSAGES, [], SamplingParams(max_tokens=4)))
     assert (c.policy_version, c.policy_versions) == (2, [2, 3])
@@ -226,7 +227,7 @@ def test_load_weights_through_the_endpoint(serve, tiny, tmp_path):
 def test_recording_proxy_in_front_of_an_endpoint(serve, tiny, tmp_path):
     model, tok = tiny
     upstream = serve(create_policy_app(LocalPolicy(copy.deepcopy(model), PlainTextChat(tok)), model_name="tiny"))
-    store = TrajectoryStore.in_dir(tmp_path)
+    store = TrajectoryStore.in_dir(tmp_path, redactor=Redactor())
     proxy = serve(create_proxy_app(fast(upstream.url), ProxyRecorder(store), model_name="agent-model"))
 
     agent = OpenAI(base_url=proxy.url, api_key="none", max_retries=0, timeout=60)

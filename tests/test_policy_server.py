@@ -14,6 +14,7 @@ import torch
 from openai import OpenAI
 from transformers import PreTrainedTokenizerFast
 
+from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.losses import token_logprobs
 from safactory.policy.base import Completion, SamplingParams
@@ -299,7 +300,7 @@ def test_non_loopback_bind_needs_a_token(tmp_path):
 
 
 def test_recording_proxy_stores_what_passed_through(serve, policy, tmp_path):
-    store = TrajectoryStore.in_dir(tmp_path)
+    store = TrajectoryStore.in_dir(tmp_path, redactor=Redactor())
     recorder = ProxyRecorder(store, run_id="agent-1")
     server = serve(create_policy_app(policy, model_name="tiny", recorder=recorder))
     client = client_for(server)
@@ -342,11 +343,26 @@ def test_a_failing_store_does_not_fail_the_request(serve, policy, tmp_path):
         def add(self, items: list) -> int:
             raise OSError("disk full")
 
-    recorder = ProxyRecorder(BrokenStore())  # type: ignore[arg-type]
+    recorder = ProxyRecorder(BrokenStore(), raw=True)  # type: ignore[arg-type]
     server = serve(create_policy_app(policy, model_name="tiny", recorder=recorder))
     r = client_for(server).chat.completions.create(model="tiny", messages=USER, max_tokens=3)
     assert r.choices and r.model_dump()["safactory"]["recorded"] is False
     assert recorder.failures == 1 and "disk full" in (recorder.last_error or "")
+
+
+def test_the_recorder_stores_redacted_data_unless_raw(serve, policy, tmp_path):
+    with pytest.raises(ValueError, match="redacted"):
+        ProxyRecorder(TrajectoryStore.in_dir(tmp_path / "plain"))
+    secret = "sk-" + "a1B2c3D4e5F6g7H8i9J0k1L2"
+    messages = [{"role": "user", "content": f"My key is {secret}. Compute 12+3."}]
+    for name, raw in (("red", False), ("raw", True)):
+        store = TrajectoryStore.in_dir(tmp_path / name, redactor=None if raw else Redactor())
+        server = serve(create_policy_app(policy, model_name="tiny", recorder=ProxyRecorder(store, raw=raw)))
+        client_for(server).chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+        (traj,) = store.query(kind="proxy")
+        assert (secret in traj.model_dump_json()) is raw
+        assert traj.provenance["redacted"] is not raw
+        store.close()
 
 
 def test_raw_completions_need_a_token_policy(serve):

@@ -3,6 +3,10 @@
 `ProxyRecorder` turns one chat request and its returned choices into trajectories (with the token
 trace, so an unmodified agent that speaks OpenAI can be trained on) and stores them in anything
 shaped like `RecordingStore`. The server calls it; a store failure never breaks serving.
+
+What passes through a proxy is the user's real data, so the recorder stores it redacted: it
+takes only a store that redacts (`TrajectoryStore(url, redactor=Redactor())`) unless it is
+told `raw=True`; each trajectory's provenance says which (`"redacted": true|false`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ class RecordingStore(Protocol):
 
     def add(self, items: list[Trajectory]) -> Any: ...
 
+    @property
+    def redactor(self) -> Any:
+        """What redacts each trajectory before it is stored (None: nothing does)."""
+        ...
+
 
 class ProxyRecorder:
     """Stores every chat completion that passes through the server as `proxy` trajectories.
@@ -51,7 +60,14 @@ class ProxyRecorder:
         run_id: str = "proxy",
         env_id: str = "proxy",
         tags: dict[str, Any] | None = None,
+        raw: bool = False,
     ) -> None:
+        if not raw and getattr(store, "redactor", None) is None:
+            raise ValueError(
+                "the proxy recorder stores redacted data: open the store with a redactor "
+                "(TrajectoryStore(url, redactor=Redactor())), or pass raw=True to keep raw data"
+            )
+        self.raw = raw
         self.store = store
         self.run_id = run_id
         self.env_id = env_id
@@ -113,6 +129,7 @@ class ProxyRecorder:
                     termination=finish,
                     started_at=started_at,
                     duration_s=duration_s,
+                    provenance={"redacted": not self.raw},
                     tags={**self.tags, "model": model, "request_id": request_id, "choice": i, "n": len(completions)},
                 )
             )
