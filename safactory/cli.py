@@ -172,7 +172,11 @@ def serve_env(
     host: Annotated[str, typer.Option(help="Bind address; a non-loopback address needs --token")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8790,
     token: Annotated[
-        str | None, typer.Option(help="Bearer token clients must send", envvar="SAFACTORY_ENV_TOKEN")
+        str | None,
+        typer.Option(
+            help="Bearer token clients send; better set $SAFACTORY_ENV_TOKEN (any user can read a command line)",
+            envvar="SAFACTORY_ENV_TOKEN",
+        ),
     ] = None,
     max_sessions: Annotated[int, typer.Option(help="Concurrent episodes (sessions) served at most")] = 64,
 ) -> None:
@@ -196,7 +200,11 @@ def serve_policy(
     host: Annotated[str, typer.Option(help="Bind address; a non-loopback address needs --token")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     token: Annotated[
-        str | None, typer.Option(help="Bearer token clients must send", envvar="SAFACTORY_POLICY_TOKEN")
+        str | None,
+        typer.Option(
+            help="Bearer token clients send; better set $SAFACTORY_POLICY_TOKEN (any user can read a command line)",
+            envvar="SAFACTORY_POLICY_TOKEN",
+        ),
     ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/load_weights)."""
@@ -206,27 +214,61 @@ def serve_policy(
     try:
         check_bind(host, token)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--host") from exc
+        raise typer.BadParameter(str(exc), param_hint="--token" if token and not token.strip() else "--host") from exc
     run_server(model, host, port, token)
 
 
 @data_app.command("verify")
-def data_verify(db: DbOption) -> None:
-    """Check every run's hash chain; exit 1 naming the first modified, deleted or reordered trajectory."""
+def data_verify(
+    db: DbOption,
+    expect_head: Annotated[
+        str | None, typer.Option("--expect-head", help="Fail unless the store's head is exactly this (--write-head)")
+    ] = None,
+    head_file: Annotated[
+        Path | None, typer.Option("--head-file", help="Fail unless the store is at the head this file holds")
+    ] = None,
+    write_head: Annotated[
+        Path | None, typer.Option("--write-head", help="After a clean check, write the store's head to this file")
+    ] = None,
+    mac_heads: Annotated[
+        bool,
+        typer.Option("--mac-heads", help="After a clean check, MAC the heads (a store written without the key)"),
+    ] = False,
+) -> None:
+    """Check every hash chain and head (trajectories, runs, consumption, checkpoints, judgements, gate
+    decisions); exit 1 naming the first modified, deleted, reordered or appended row. SAFACTORY_STORE_KEY
+    set: the heads' HMACs are checked too. docs/integrity.md says what this proves."""
+    from rich.markup import escape
     from rich.progress import Progress
 
-    from safactory.data.integrity import verify
+    from safactory.data.anchor import Expected, write_head_file
+    from safactory.data.integrity import authenticate_heads, verify
 
+    try:
+        expected = Expected.from_options(expect_head, head_file)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     store = _open_store(db)
+    if mac_heads and store.key is None:
+        raise typer.BadParameter("--mac-heads needs SAFACTORY_STORE_KEY in the environment")
     with Progress(console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("verifying", total=store.count())
-        report = verify(store, progress=lambda n: progress.advance(bar, n))
+        report = verify(store, progress=lambda n: progress.advance(bar, n), expected=expected, check_macs=not mac_heads)
+    if mac_heads and report.ok and store.key is not None:
+        moved = authenticate_heads(store, report, store.key)
+        Console().print(f"MACed the heads{f'; moved meanwhile, not MACed: {moved}' if moved else ''}")
     store.close()
+    for note in report.notes:
+        Console().print(f"note: {escape(note)}")
     if report.ok:
-        Console().print(f"ok: {report.checked} trajectories in {report.runs} runs verify")
+        Console().print(f"ok: {report.checked} trajectories in {report.runs} runs and {report.rows} ledger rows verify")
+        typer.echo(f"head {report.head}")
+        if write_head is not None:
+            write_head_file(write_head, report.heads, report.head)
+            Console().print(f"wrote the head to {write_head}")
         return
     for problem in report.problems:
-        Console().print(f"[red]FAILED[/red] {problem}")
+        Console().print(f"[red]FAILED[/red] {escape(problem)}")
     raise typer.Exit(1)
 
 

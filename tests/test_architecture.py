@@ -1,6 +1,7 @@
 """The layout's rules, checked over the source with `ast` (DESIGN.md §2; also run by `make lint`):
 
-- bottom modules (records, config, provenance, loopback checks, lazy exports) import no platform folder;
+- bottom modules (records, config, provenance, loopback checks, request limits, lazy exports) import no platform
+  folder;
 - `safactory/__init__.py` is the public face: it may name anything, and nothing inside imports it;
 - the platform folders form a directed acyclic graph and never import `factory`, `jobs` or `cli`;
 - `factory` and `jobs` sit beside each other (neither imports the other), `cli` on top;
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "safactory"
-BOTTOM = {"types", "config", "provenance", "loopback", "_exports"}
+BOTTOM = {"types", "config", "provenance", "loopback", "request_limits", "_exports"}
 FACE = "__init__"  # the area of `safactory/__init__.py`
 PLATFORMS = {"policy", "sim", "data", "evolve", "evals", "view"}
 ABOVE = {"factory", "jobs", "cli"}

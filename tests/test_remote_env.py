@@ -342,7 +342,7 @@ def test_unknown_session_and_bad_body_are_clear_errors(arith_url: str) -> None:
     bad = httpx.post(f"{arith_url}/sessions/{session}/step", json={"action": {"role": "robot"}})
     assert bad.status_code == 422
     before_reset = httpx.post(f"{arith_url}/sessions/{session}/step", json={"action": {"role": "assistant"}})
-    assert before_reset.status_code == 500 and "before reset" in before_reset.json()["message"]
+    assert before_reset.status_code == 409 and before_reset.json()["error"] == "reset_required"
     assert httpx.delete(f"{arith_url}/sessions/{session}").json() == {"closed": True}
     assert httpx.delete(f"{arith_url}/sessions/{session}").status_code == 404
 

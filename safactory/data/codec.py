@@ -2,7 +2,8 @@
 
 `encode_trajectory` turns a trajectory into the texts and blobs the store writes into its
 rows and hashes them; `content_hash` is the integrity hash every stored trajectory carries
-(trajectories recorded as version 3 keep their sorted-key JSON hash).
+(trajectories recorded as version 3 keep their sorted-key JSON hash); `stored_content_hash`
+takes the same hash over the texts and blobs read back from the rows, without re-serialising.
 """
 
 from __future__ import annotations
@@ -149,7 +150,14 @@ def encode_trajectory(traj: Trajectory, task_hash: str) -> EncodedTrajectory:
         trace = (version, versions, temperature, top_p, finish, prefix, suffix_blob, completion_blob, logprobs_blob)
         parts.append((index, reward, error, action, observation, info, trace))
         previous = prompt + completion
-    chunks[1] = to_json(
+    chunks[1] = _scalars_json(traj, task_hash, step_scalars)
+    chunks[3] = meta = _trajectory_json(traj, include=META_FIELDS)
+    chunks += blobs
+    return EncodedTrajectory(hashlib.sha256(b"".join(chunks)).hexdigest(), meta, parts)
+
+
+def _scalars_json(traj: Trajectory, task_hash: str, step_scalars: list[tuple[Any, ...]]) -> bytes:
+    return to_json(
         (
             task_hash,
             traj.task_hash,
@@ -168,6 +176,35 @@ def encode_trajectory(traj: Trajectory, task_hash: str) -> EncodedTrajectory:
         ),
         inf_nan_mode="null",
     )
-    chunks[3] = meta = _trajectory_json(traj, include=META_FIELDS)
-    chunks += blobs
-    return EncodedTrajectory(hashlib.sha256(b"".join(chunks)).hexdigest(), meta, parts)
+
+
+StoredTrace = tuple[int, bytes, bytes, bytes | None]
+"""A token-trace row's prefix_len and its blobs: prompt suffix ids, completion ids, log-probs or None."""
+
+
+def stored_content_hash(
+    traj: Trajectory, task_hash: str, meta: str, texts: list[tuple[str, str, str]], traces: list[StoredTrace | None]
+) -> str:
+    """The version-4 content hash of a trajectory read back from its rows, taken over the very texts
+    and blobs the rows hold (no re-serialisation): `task_hash` is the sha256 of the stored task body,
+    `meta` the row's meta text, `texts` each step's (action, observation, info) texts and `traces`
+    each step's stored trace (None for a step without one). The scalars come from `traj`, the
+    record a reader gets. Equals `encode_trajectory(traj, task_hash).content_hash` for rows the
+    store wrote; any edit of a row, a step or a trace changes it."""
+    chunks: list[bytes] = [CANONICAL_TAG, b"", b"\n", meta.encode(), b"\n"]
+    blobs: list[bytes] = []
+    step_scalars: list[tuple[Any, ...]] = []
+    for step, (action, observation, info), stored in zip(traj.steps, texts, traces, strict=True):
+        chunks += (action.encode(), b"\n", observation.encode(), b"\n", info.encode(), b"\n")
+        reward = step.reward if step.reward is None else step.reward + 0.0
+        tr = step.trace
+        if stored is None or tr is None:
+            step_scalars.append((step.index, reward, step.error, None))
+            continue
+        prefix, suffix, completion, logprobs = stored
+        blobs += (suffix, completion) if logprobs is None else (suffix, completion, logprobs)
+        counts = (prefix, len(suffix) // 4, len(completion) // 4, None if logprobs is None else len(logprobs) // 4)
+        head = (tr.policy_version, tr.policy_versions, tr.temperature + 0.0, tr.top_p + 0.0, tr.finish_reason)
+        step_scalars.append((step.index, reward, step.error, (*head, *counts)))
+    chunks[1] = _scalars_json(traj, task_hash, step_scalars)
+    return hashlib.sha256(b"".join(chunks + blobs)).hexdigest()

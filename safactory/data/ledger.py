@@ -1,7 +1,9 @@
 """The store's bookkeeping beside the trajectories: exactly-once consumption by training
 runs, checkpoints and their lineage, scores and safety verdicts, and evaluation-gate decisions.
 
-`StoreLedger` is a mixin of `TrajectoryStore`; it works on the store's `engine`.
+`StoreLedger` is a mixin of `TrajectoryStore`; it works on the store's `engine`. Every write
+appends to its table's hash chain under the chain's lock (`safactory.data.seal`), with an
+HMAC of the new head when the store has a key; reads leave the chain columns out.
 """
 
 from __future__ import annotations
@@ -10,20 +12,27 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Column, Table, delete, func, select
 from sqlalchemy.engine import Engine
 
 from safactory.data.schema import checkpoints, consumption, gate_decisions, safety_verdicts, scores, trajectories
+from safactory.data.seal import append, lock_head, relink_from
 
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _public(table: Table) -> list[Column]:
+    """The columns readers get: all but the chain's."""
+    return [c for c in table.c if c.name not in ("chain_seq", "chain_hash")]
+
+
 class StoreLedger:
     """Consumption, checkpoints, lineage, judgements and gate decisions of a `TrajectoryStore`."""
 
     engine: Engine
+    key: bytes | None  # HMAC key of the chain heads, or None
 
     # ---- consumption and lineage -------------------------------------------------------
     def mark_consumed(self, ids: list[str], step: int, consumer: str) -> None:
@@ -31,6 +40,7 @@ class StoreLedger:
         Consuming a trajectory twice in one consumer raises and records nothing."""
         now = time.time()
         with self.engine.begin() as conn:
+            head = lock_head(conn, consumption)
             taken = list(
                 conn.execute(
                     select(consumption.c.trajectory_id).where(
@@ -41,8 +51,7 @@ class StoreLedger:
             if taken:
                 raise ValueError(f"{len(taken)} trajectories were already consumed by {consumer}, e.g. {taken[0]}")
             rows = [{"consumer": consumer, "trajectory_id": i, "train_step": step, "consumed_at": now} for i in ids]
-            if rows:
-                conn.execute(consumption.insert(), rows)
+            append(conn, head, rows, self.key)
 
     def consumed_step(self, trajectory_id: str, consumer: str) -> int | None:
         with self.engine.connect() as conn:
@@ -67,11 +76,16 @@ class StoreLedger:
 
     def release_consumed_after(self, consumer: str, step: int) -> int:
         """Forget consumption by training steps after `step` (their update was lost in a crash),
-        so a trainer resumed from the checkpoint of `step` gets that data again."""
+        so a trainer resumed from the checkpoint of `step` gets that data again. The consumption
+        chain is relinked from the first released row on (usually its tail: nothing to relink)."""
+        lost = (consumption.c.consumer == consumer, consumption.c.train_step > step)
         with self.engine.begin() as conn:
-            result = conn.execute(
-                delete(consumption).where(consumption.c.consumer == consumer, consumption.c.train_step > step)
-            )
+            head = lock_head(conn, consumption)
+            first = conn.execute(select(func.min(consumption.c.chain_seq)).where(*lost)).scalar()
+            if first is None:
+                return 0
+            result = conn.execute(delete(consumption).where(*lost))
+            relink_from(conn, head, int(first), self.key)
         return int(result.rowcount or 0)
 
     def add_checkpoint(
@@ -86,27 +100,27 @@ class StoreLedger:
         meta: dict[str, Any] | None = None,
     ) -> None:
         with self.engine.begin() as conn:
+            head = lock_head(conn, checkpoints)
             exists = conn.execute(
                 select(checkpoints.c.version).where(checkpoints.c.run_id == run_id, checkpoints.c.version == version)
             ).first()
             if exists is None:
-                conn.execute(
-                    checkpoints.insert().values(
-                        run_id=run_id,
-                        version=version,
-                        parent_version=parent_version,
-                        train_step=train_step,
-                        weights_hash=weights_hash,
-                        path=path,
-                        created_at=time.time(),
-                        meta=_dumps(meta or {}),
-                    )
-                )
+                row = {
+                    "run_id": run_id,
+                    "version": version,
+                    "parent_version": parent_version,
+                    "train_step": train_step,
+                    "weights_hash": weights_hash,
+                    "path": path,
+                    "created_at": time.time(),
+                    "meta": _dumps(meta or {}),
+                }
+                append(conn, head, [row], self.key)
 
     def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(checkpoints).where(checkpoints.c.run_id == run_id).order_by(checkpoints.c.version)
+                select(*_public(checkpoints)).where(checkpoints.c.run_id == run_id).order_by(checkpoints.c.version)
             ).mappings()
             return [{**r, "meta": json.loads(r["meta"])} for r in rows]
 
@@ -127,17 +141,16 @@ class StoreLedger:
     def add_score(
         self, trajectory_id: str, judge: str, name: str, value: float, meta: dict[str, Any] | None = None
     ) -> None:
+        row = {
+            "trajectory_id": trajectory_id,
+            "judge": judge,
+            "name": name,
+            "value": value,
+            "meta": _dumps(meta or {}),
+            "created_at": time.time(),
+        }
         with self.engine.begin() as conn:
-            conn.execute(
-                scores.insert().values(
-                    trajectory_id=trajectory_id,
-                    judge=judge,
-                    name=name,
-                    value=value,
-                    meta=_dumps(meta or {}),
-                    created_at=time.time(),
-                )
-            )
+            append(conn, lock_head(conn, scores), [row], self.key)
 
     def add_verdict(
         self,
@@ -183,22 +196,21 @@ class StoreLedger:
             for v in verdicts
         ]
         with self.engine.begin() as conn:
-            conn.execute(safety_verdicts.insert(), rows)
+            append(conn, lock_head(conn, safety_verdicts), rows, self.key)
 
     def add_gate_decision(self, run_id: str, decision: dict[str, Any]) -> None:
         """Record one evaluation-gate decision (candidate and baseline versions, verdict, metrics)."""
+        row = {
+            "run_id": run_id,
+            "candidate_version": int(decision["candidate_version"]),
+            "baseline_version": int(decision["baseline_version"]),
+            "accepted": bool(decision["accepted"]),
+            "reasons": _dumps(decision.get("reasons", [])),
+            "decision": _dumps(decision),
+            "created_at": time.time(),
+        }
         with self.engine.begin() as conn:
-            conn.execute(
-                gate_decisions.insert().values(
-                    run_id=run_id,
-                    candidate_version=int(decision["candidate_version"]),
-                    baseline_version=int(decision["baseline_version"]),
-                    accepted=bool(decision["accepted"]),
-                    reasons=_dumps(decision.get("reasons", [])),
-                    decision=_dumps(decision),
-                    created_at=time.time(),
-                )
-            )
+            append(conn, lock_head(conn, gate_decisions), [row], self.key)
 
     def gate_decisions(self, run_id: str) -> list[dict[str, Any]]:
         """The run's gate decisions in the order they were taken."""
@@ -211,6 +223,8 @@ class StoreLedger:
     def verdicts(self, trajectory_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(safety_verdicts).where(safety_verdicts.c.trajectory_id == trajectory_id)
+                select(*_public(safety_verdicts))
+                .where(safety_verdicts.c.trajectory_id == trajectory_id)
+                .order_by(safety_verdicts.c.id)
             ).mappings()
             return [{**r, "reasons": json.loads(r["reasons"]), "meta": json.loads(r["meta"])} for r in rows]

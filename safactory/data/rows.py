@@ -8,7 +8,10 @@ blobs are the very parts `safactory.data.codec.encode_trajectory` hashed.
 
 Reading: `_trajectory`, `_step` and `_trace` rebuild the records from their rows; a row
 that does not decode raises ValueError, TypeError or KeyError (the store names the
-trajectory in a CorruptRecordError).
+trajectory in a CorruptRecordError). `row_problem` says why a trajectory's rows do not
+match its content: its steps against its `n_steps`, its derived columns against its
+content, and its content hash taken over the stored texts and blobs (so the reward and
+success a reader gets are the hashed ones).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic_core import to_json
 
-from safactory.data.codec import content_hash, encode_trajectory
+from safactory.data.codec import StoredTrace, content_hash, encode_trajectory, stored_content_hash
 from safactory.types import Step, Task, TokenTrace, Trajectory, canonical_json, sha256_hex
 
 # ---- trajectories into rows -------------------------------------------------------------
@@ -170,3 +173,47 @@ def _trace(r: Mapping[str, Any], prompt: list[int], completion: list[int]) -> To
         top_p=r["top_p"],
         finish_reason=r["finish_reason"],
     )
+
+
+def _top_version(traj: Trajectory) -> int | None:
+    """The highest policy version of any traced turn (the row's `policy_version`), None without traces."""
+    top: int | None = None
+    for step in traj.steps:
+        tr = step.trace
+        if tr is not None:
+            version = max(tr.policy_versions) if tr.policy_versions else tr.policy_version
+            if top is None or version > top:
+                top = version
+    return top
+
+
+def row_problem(
+    r: Mapping[str, Any],
+    traj: Trajectory,
+    task_hash: str,
+    texts: list[tuple[str, str, str]],
+    traces: list[StoredTrace | None],
+    stray_traces: int,
+) -> str | None:
+    """Why the rows of `traj` (its trajectory row `r` joined with its task, its step `texts` and
+    `traces`) do not match its content, or None. `task_hash` is the sha256 of the stored task
+    body; `stray_traces` counts token-trace rows that belong to none of its steps."""
+    if r["n_steps"] != len(traj.steps):
+        return f"its row says {r['n_steps']} steps but {len(traj.steps)} are stored"
+    if stray_traces:
+        return f"{stray_traces} of its token-trace rows belong to no stored step"
+    if task_hash != r["task_hash"]:
+        return f"its task's stored body no longer matches the task hash {str(r['task_hash'])[:12]}"
+    task = traj.task
+    if (r["task_id"], r["split"]) != (task.id, task.split):
+        return f"its row's task and split ({r['task_id']}, {r['split']}) are not its task's ({task.id}, {task.split})"
+    top = _top_version(traj)
+    if r["policy_version"] != top:
+        return f"its row's policy version {r['policy_version']} is not its token traces' ({top})"
+    if traj.schema_version < 4:
+        digest = content_hash(traj)
+    else:
+        digest = stored_content_hash(traj, task_hash, r["meta"], texts, traces)
+    if digest != traj.content_hash:
+        return "its stored rows no longer match its content hash"
+    return None

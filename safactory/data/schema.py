@@ -2,7 +2,8 @@
 setting a store's schema up on open (create missing tables, check or upgrade its version).
 
 Layout (storage grows linearly with the number of steps):
-  runs            config, config hash, code version, chain head (count + last hash)
+  runs            config, config hash, code version, chain head (count + last hash, the row
+                  chain's link and its HMAC)
   tasks           each distinct task once, by its hash
   trajectories    one row per episode (append-only): provenance, outcome, hashes
   steps           one row per turn: action, observation, reward, info, error
@@ -13,6 +14,12 @@ Layout (storage grows linearly with the number of steps):
   checkpoints     policy versions: weights hash, parent, training step, path
   scores, safety_verdicts   judgements attached to trajectories
   gate_decisions  the evaluation gate's decisions, per run
+  chain_heads     the head (count, last link, HMAC) of each chained table
+
+Tamper evidence (`safactory.data.seal`): the rows of runs, consumption, checkpoints, scores,
+safety_verdicts and gate_decisions carry their place in their table's hash chain
+(`chain_seq`, `chain_hash`); those columns are nullable so that an older store gains them
+on open (`add_missing_columns`), and its rows are then sealed as found.
 
 The schema is versioned (`safactory_meta.schema_version`, checked on open; a version-3
 store has the same tables and is marked 4 on open, its trajectories keeping their
@@ -33,6 +40,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
     select,
     update,
 )
@@ -44,6 +52,12 @@ metadata = MetaData()
 
 meta_table = Table("safactory_meta", metadata, Column("key", Text, primary_key=True), Column("value", Text))
 
+
+def _chained() -> tuple[Column, Column]:
+    """A chained table's place in its chain: position and link (`safactory.data.seal`)."""
+    return Column("chain_seq", Integer, nullable=True), Column("chain_hash", String(64), nullable=True)
+
+
 runs = Table(
     "runs",
     metadata,
@@ -54,6 +68,19 @@ runs = Table(
     Column("code_version", Text, nullable=False),
     Column("n_trajectories", Integer, nullable=False),
     Column("head_hash", String(64), nullable=False),
+    Column("traj_link", String(64), nullable=True),  # the run's trajectory row chain: its last link
+    Column("traj_mac", Text, nullable=True),  # HMAC of the run's trajectory head ("" without a key)
+    *_chained(),
+)
+RUN_HEAD_COLUMNS = ("n_trajectories", "head_hash", "traj_link", "traj_mac")  # change with every add
+
+chain_heads = Table(
+    "chain_heads",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    Column("n", Integer, nullable=False),
+    Column("link", String(64), nullable=False),
+    Column("mac", Text, nullable=False),
 )
 
 tasks = Table(
@@ -128,6 +155,7 @@ consumption = Table(
     Column("trajectory_id", Text, primary_key=True),
     Column("train_step", Integer, nullable=False),
     Column("consumed_at", Float, nullable=False),
+    *_chained(),
     Index("ix_consumption_step", "consumer", "train_step"),
 )
 
@@ -142,6 +170,7 @@ checkpoints = Table(
     Column("path", Text, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("meta", Text, nullable=False),
+    *_chained(),
 )
 
 scores = Table(
@@ -154,6 +183,7 @@ scores = Table(
     Column("value", Float, nullable=False),
     Column("meta", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    *_chained(),
 )
 
 safety_verdicts = Table(
@@ -168,6 +198,7 @@ safety_verdicts = Table(
     Column("reasons", Text, nullable=False),
     Column("meta", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    *_chained(),
 )
 
 gate_decisions = Table(
@@ -181,7 +212,10 @@ gate_decisions = Table(
     Column("reasons", Text, nullable=False),
     Column("decision", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    *_chained(),
 )
+
+CHAINED = (runs, consumption, checkpoints, scores, safety_verdicts, gate_decisions)  # one hash chain per table
 
 UPGRADABLE = {3}  # store schemas opened as they are and marked as SCHEMA_VERSION
 
@@ -243,6 +277,23 @@ def set_up_schema(conn: Connection, url: str) -> None:
         raise RuntimeError(
             f"{url} holds store schema {row[0]}, this safactory speaks {SCHEMA_VERSION}; migrate it or use a new store"
         )
+
+
+def add_missing_columns(conn: Connection) -> list[str]:
+    """Add the columns a store made by an older safactory lacks (all nullable); returns them as table.column."""
+    present = inspect(conn)
+    added = []
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in present.get_columns(table.name)}
+        for column in table.c:
+            if column.name not in have:
+                kind = column.type.compile(dialect=conn.dialect)
+                preparer = conn.dialect.identifier_preparer
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {preparer.quote(column.name)} {kind}"
+                )
+                added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def _widen_text_columns(conn: Connection) -> None:

@@ -25,7 +25,7 @@ from fastapi import Request
 from safactory.policy.base import Completion, Policy, SamplingParams
 from safactory.policy.chat import PlainTextChat, tokenizer_fingerprint
 from safactory.policy.local import LocalPolicy
-from safactory.policy.models import load_policy_model
+from safactory.policy.models import ADAPTER_CONFIG, load_policy_model
 from safactory.policy.openai_wire import (
     APIError,
     ChatRequest,
@@ -36,12 +36,15 @@ from safactory.policy.openai_wire import (
     completion_logprobs,
     messages_from_openai,
     prompt_id_lists,
+    sampling_temperature,
+    sampling_top_p,
     stop_strings,
     tools_from_openai,
     vllm_prompt_logprob,
 )
 from safactory.policy.recorder import ProxyRecorder
 from safactory.policy.subword import TinyTokenizer
+from safactory.request_limits import shorten
 from safactory.types import Message, ToolCall, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -182,8 +185,8 @@ class PolicyService:
         tools = tools_from_openai(body.tools)
         use_tools = bool(tools) and body.tool_choice != "none"
         sampling = SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            temperature=sampling_temperature(body.temperature),
+            top_p=sampling_top_p(body.top_p),
             max_tokens=body.max_completion_tokens or body.max_tokens or self.default_chat_max_tokens(messages, tools),
             stop=stop_strings(body.stop),
         )
@@ -301,8 +304,8 @@ class PolicyService:
         prompts = prompt_id_lists(body.prompt, tok, bool(body.add_special_tokens))
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         sampling = SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            temperature=sampling_temperature(body.temperature),
+            top_p=sampling_top_p(body.top_p),
             max_tokens=max_tokens,
             stop=stop_strings(body.stop),
         )
@@ -373,39 +376,51 @@ class PolicyService:
         if not isinstance(policy, LocalPolicy):
             raise APIError(501, "this policy cannot load weights", "not_implemented")
         timeout_s = self.load_timeout_s
+        shown = repr(shorten(body.path))  # the path as messages and the log quote it: bounded
         async with self.load_lock:
             previous = policy.version
+            keeps = f"version {previous} keeps serving"
             if body.version is not None and body.version <= previous:
                 raise APIError(
                     409, f"version {body.version} does not go up from the serving version {previous}", "conflict"
                 )
-            if not Path(body.path).is_dir():  # a local directory only: never a hub id to download
-                raise APIError(
-                    400, f"could not load a model from {body.path!r}: not a directory; version {previous} keeps serving"
-                )
+            problem = _not_a_model_directory(body.path)
+            if problem:
+                raise APIError(400, f"could not load a model from {shown}: {problem}; {keeps}")
             try:
                 loaded = await asyncio.wait_for(asyncio.to_thread(load_policy_model, body.path), timeout_s)
             except TimeoutError:
-                raise APIError(
-                    504, f"loading {body.path!r} took over {timeout_s} s; version {previous} keeps serving"
-                ) from None
+                raise APIError(504, f"loading {shown} took over {timeout_s} s; {keeps}") from None
             except Exception as exc:
-                raise APIError(
-                    400, f"could not load a model from {body.path!r}: {exc}; version {previous} keeps serving"
-                ) from None
+                raise APIError(400, f"could not load a model from {shown}: {shorten(str(exc), 500)}; {keeps}") from None
             if tokenizer_fingerprint(loaded.chat.tokenizer) != tokenizer_fingerprint(policy.chat.tokenizer):
-                raise APIError(400, f"{body.path!r} uses another tokenizer; version {previous} keeps serving")
+                raise APIError(400, f"{shown} uses another tokenizer; {keeps}")
             state = loaded.model.state_dict()
             problem = _state_mismatch(policy.model.state_dict(), state)
             if problem:
-                message = f"{body.path!r} does not fit the served model: {problem}; version {previous} keeps serving"
-                raise APIError(400, message)
+                raise APIError(400, f"{shown} does not fit the served model: {problem}; {keeps}")
             try:
                 version = await policy.publish(state, body.version)
             except Exception as exc:
                 raise APIError(500, f"swapping in the weights failed: {exc!r}", "server_error") from None
-        log.info("loaded %s as policy version %d (was %d)", body.path, version, previous)
+        log.info("loaded %s as policy version %d (was %d)", shown, version, previous)
         return {"object": "load_weights", "policy_version": version, "previous_version": previous, "path": body.path}
+
+
+def _not_a_model_directory(path: str) -> str:
+    """Why `path` is not a local model directory ("" when it is one): never a hub id to download,
+    and a path the OS refuses (too long, a NUL byte) is the client's mistake, not the server's."""
+    if "\x00" in path:
+        return "the path holds a NUL character"
+    directory = Path(path)
+    try:
+        if not directory.is_dir():
+            return "not a directory"
+        if not any((directory / name).is_file() for name in ("config.json", ADAPTER_CONFIG)):
+            return f"not a model directory (it has no config.json or {ADAPTER_CONFIG})"
+    except OSError as exc:  # e.g. a name too long for the file system, or a directory it may not read
+        return f"the path cannot be used ({exc.strerror or type(exc).__name__})"
+    return ""
 
 
 async def _one_prompt(

@@ -16,9 +16,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from safactory.policy.subword import TinyTokenizer
+from safactory.request_limits import shorten
 from safactory.types import Message, ToolCall, ToolSpec
 
 MAX_N = 64
+MAX_ERROR_MESSAGE = 2000  # characters of an error message sent
+MIN_TEMPERATURE = 1e-5  # a lower positive temperature samples at this one
+MIN_TOP_P = 1e-30  # a lower top_p keeps the top token only, like this one
+MAX_PATH_CHARS = 4096  # a load_weights path longer than this is refused unread (Linux's PATH_MAX)
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -38,8 +43,8 @@ def error_kind(status: int) -> str:
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    """The JSON answer of an error, in OpenAI's shape."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    """The JSON answer of an error, in OpenAI's shape (the message bounded, and escaped where it is not UTF-8)."""
+    body = {"error": {"message": shorten(message, MAX_ERROR_MESSAGE), "type": kind, "param": None, "code": status}}
     return JSONResponse(status_code=status, content=body)
 
 
@@ -84,7 +89,7 @@ class CompletionRequest(_Body):
 
 
 class LoadWeightsRequest(_Body):
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
     version: int | None = Field(None, ge=0)
 
 
@@ -142,7 +147,10 @@ def messages_from_openai(raw: list[dict[str, Any]]) -> list[Message]:
         content = _text_content(m.get("content"), where)
         calls: list[ToolCall] = []
         if role == "assistant":
-            for j, tc in enumerate(m.get("tool_calls") or []):
+            raw_calls = m.get("tool_calls") or []
+            if not isinstance(raw_calls, list):
+                raise APIError(400, f"{where}.tool_calls must be a list")
+            for j, tc in enumerate(raw_calls):
                 fn = tc.get("function") if isinstance(tc, dict) else None
                 if not isinstance(fn, dict) or not fn.get("name"):
                     raise APIError(400, f"{where}.tool_calls[{j}]: needs a function with a name")
@@ -195,6 +203,21 @@ def call_to_openai(call: ToolCall) -> dict[str, Any]:
     """A ToolCall as an OpenAI assistant `tool_calls` entry (arguments as a JSON string)."""
     arguments = json.dumps(call.arguments, ensure_ascii=False)
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+def sampling_temperature(temperature: float | None) -> float:
+    """The temperature to sample at: 1 when unset, 0 (greedy) as is, and a positive one no lower than
+    MIN_TEMPERATURE (as vLLM does; the distribution is one-hot in float32 long before that, and dividing
+    the logits by less overflows them)."""
+    if temperature is None:
+        return 1.0
+    return 0.0 if temperature == 0 else max(temperature, MIN_TEMPERATURE)
+
+
+def sampling_top_p(top_p: float | None) -> float:
+    """The nucleus to sample from: 1 when unset, else no lower than MIN_TOP_P, which keeps only the most
+    likely token as any lower value does (one that float32 rounds to 0 would keep none)."""
+    return 1.0 if top_p is None else max(top_p, MIN_TOP_P)
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:

@@ -18,9 +18,11 @@
   `score_with_version` (LocalPolicy).
 * `POST /v1/load_weights {path, version?}`: load a saved model directory as a new policy version.
   Anything wrong (missing path, other tokenizer, other shapes, a version that does not go up)
-  is a clear 4xx error and the old version keeps serving.
+  is a clear 4xx error and the old version keeps serving; messages and the log quote the path cut short.
 
-Errors come back in OpenAI's shape (`{"error": {"message", "type", ...}}`): a bad request is a 400,
+Errors come back in OpenAI's shape (`{"error": {"message", "type", ...}}`): a bad request is a 400
+(also a body that is not UTF-8 or JSON nested past the limit; an over-large body is a 413, an
+over-long URL a 414: `safactory.request_limits`),
 a PolicyError a 400 unless it carries a `status_code` (an EndpointError: 503 when the upstream is
 down; the local engine failing under a request: 500, or 503 once it was closed), anything
 unexpected a 500, so clients retry server faults and only bad requests are final. A client that
@@ -63,6 +65,7 @@ from safactory.policy.models import load_policy_model
 from safactory.policy.openai_service import PolicyService
 from safactory.policy.openai_wire import APIError, error_kind, error_response
 from safactory.policy.recorder import ProxyRecorder
+from safactory.request_limits import MAX_BODY_BYTES, RequestLimits
 
 
 # ---- the app -----------------------------------------------------------------------------
@@ -75,6 +78,7 @@ def create_policy_app(
     default_max_tokens: int = 256,
     load_timeout_s: float = 300.0,
     disconnect_poll_s: float = 0.5,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app around `policy` (see the module docstring).
 
@@ -93,6 +97,13 @@ def create_policy_app(
     app = FastAPI(title="safactory policy server", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.dependencies.append(Depends(service.check_token))
     _add_error_handlers(app)
+    app.add_middleware(
+        RequestLimits,
+        error_body=lambda status, code, message: {
+            "error": {"message": message, "type": error_kind(status), "param": None, "code": status}
+        },
+        max_body_bytes=max_body_bytes,
+    )
     app.get("/v1/models")(service.list_models)
     app.post("/v1/chat/completions")(service.chat_completions)
     app.post("/v1/completions")(service.completions)
@@ -144,7 +155,9 @@ def create_proxy_app(
 
 # ---- binding and serving -----------------------------------------------------------------
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to listen beyond this machine without a token."""
+    """Refuse to listen beyond this machine without a token, and a blank token anywhere."""
+    if token and not token.strip():
+        raise ValueError("the policy server token must not be blank (check --token / $SAFACTORY_POLICY_TOKEN)")
     if not is_loopback_host(host) and not token:
         raise ValueError(
             f"refusing to serve the policy on non-loopback host {host!r} without a token: "
@@ -170,7 +183,8 @@ def serve_policy(
     app: Any = create_policy_app(policy, model_name=model_name or Path(model_dir).resolve().name, token=token)
     if not token:  # loopback only: refuse requests that a web page made through DNS rebinding
         app = LoopbackHostGuard(app)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # no access log: it would write every request's whole URL, however long, into the log
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
 
 class BackgroundServer:

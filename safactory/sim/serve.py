@@ -10,8 +10,14 @@ until it returns). A client that names its session can delete one whose creation
 up on: a DELETE that arrives while the session is being built closes it once built, and
 one that arrives before the POST means the POST creates nothing (409). With a token
 every endpoint needs `Authorization: Bearer <token>` (401 otherwise); `serve_env` refuses
-to bind anything but a loopback host without one (`check_bind`). A failure inside the
-environment is an HTTP 500 whose JSON body `{"error": ..., "message": ...}` names it.
+to bind anything but a loopback host without one (`check_bind`). Every error answer has the
+JSON body `{"error": ..., "message": ...}`. A failure inside the environment is an HTTP 500;
+what a client got wrong is a 4xx and never reaches it as a failure: a URL, body or JSON past
+the limits or a body that is not UTF-8 (413 / 414 / 400, `safactory.request_limits`), a body
+that does not validate (422), `options` of /tasks that are not a small JSON object (400), a
+task that `reset` refuses with TypeError, ValueError or KeyError (400, `bad_task`), a step
+before the session's first successful reset (409, `reset_required`; resetting again starts
+the episode over), an unknown session (404).
 
 FastAPI and uvicorn are imported lazily, so importing this module costs nothing until a
 server is built. Plain HTTP does not protect the token on the wire: outside one machine,
@@ -23,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
-import json
 import logging
 import secrets
 import threading
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from safactory.loopback import LoopbackHostGuard, is_loopback_host
+from safactory.request_limits import MAX_BODY_BYTES, RequestLimits, parse_json_text, shorten
 from safactory.sim.env import EnvEntry, Environment, EnvRegistry, EnvSpec
 from safactory.sim.wire import (
     CLIENT_SESSION_ID,
@@ -57,6 +63,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_S = 10.0
+_TASK_REFUSALS: tuple[type[Exception], ...] = (TypeError, ValueError, KeyError)  # reset refusing the client's task
 _MAX_FORGOTTEN = 10_000
 _T = TypeVar("_T")
 
@@ -80,7 +87,7 @@ class _ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
-        self.message = message[:MAX_MESSAGE]
+        self.message = shorten(message, MAX_MESSAGE)
 
 
 class _EnvLoop:
@@ -138,6 +145,7 @@ class _Session:
     runner: _EnvLoop
     last_used: float
     env: Environment | None = None  # None while the environment is being built
+    reset: bool = False  # whether its last reset succeeded: a step needs one
     busy: bool = False
     closing: bool = False
 
@@ -302,8 +310,15 @@ async def _close_session(session: _Session, timeout_s: float = _CLOSE_TIMEOUT_S)
         session.runner.stop()
 
 
-async def _bounded(session: _Session, call: Callable[[], Any], what: str, timeout_s: float | None) -> Any:
-    """Run an env call in the session's thread under the server's time limit; an env failure becomes an HTTP 500."""
+async def _bounded(
+    session: _Session,
+    call: Callable[[], Any],
+    what: str,
+    timeout_s: float | None,
+    refusals: tuple[type[Exception], ...] = (),
+) -> Any:
+    """Run an env call in the session's thread under the server's time limit; an env failure becomes an
+    HTTP 500, an exception of the `refusals` classes a 400 (the environment refused the client's input)."""
     try:
         async with asyncio.timeout(timeout_s) as scope:
             return await session.runner.call(call)
@@ -312,6 +327,8 @@ async def _bounded(session: _Session, call: Callable[[], Any], what: str, timeou
             raise _ApiError(504, "env_timeout", f"{what} did not finish within {timeout_s:g}s") from exc
         logger.exception("environment %s failed", what)
         raise _ApiError(500, "env_error", f"{what} raised {_describe(exc)}") from exc
+    except refusals as exc:
+        raise _ApiError(400, "bad_task", f"the environment refused the {what}: {_describe(exc)}") from exc
     except Exception as exc:
         logger.exception("environment %s failed", what)
         raise _ApiError(500, "env_error", f"{what} raised {_describe(exc)}") from exc
@@ -345,11 +362,14 @@ def create_env_app(
     idle_timeout_s: float = 600.0,
     env_timeout_s: float | None = 60.0,
     max_tasks: int = 100_000,
+    max_body_bytes: int = MAX_BODY_BYTES,
     clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """A FastAPI app serving environment `env_id` from `registry` (default: the default registry)."""
     from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     if max_sessions < 1:
         raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
@@ -397,6 +417,29 @@ def create_env_app(
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status, headers=headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the problems' places and kinds only: echoing the input could be large, or bytes that are not text
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())) or 'request'}: {e.get('msg')}" for e in exc.errors()[:5]
+        )
+        return JSONResponse(
+            {"error": "bad_request", "message": shorten(f"invalid request: {problems}", MAX_MESSAGE)}, status_code=422
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        body = {"error": code, "message": shorten(str(exc.detail), MAX_MESSAGE)}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    # added before `authenticate`, so it runs after it: a request without the token is refused unread
+    app.add_middleware(
+        RequestLimits,
+        error_body=lambda status, code, message: {"error": code, "message": message},
+        max_body_bytes=max_body_bytes,
+    )
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Any]) -> Any:
         if token is not None:
@@ -430,15 +473,15 @@ def create_env_app(
         split: str = Query("train"), n: int = Query(10, ge=0, le=max_tasks), options: str = Query("{}")
     ) -> dict[str, Any]:
         try:
-            kwargs = json.loads(options)
-        except json.JSONDecodeError as exc:
+            kwargs = parse_json_text(options)
+        except ValueError as exc:
             raise _ApiError(400, "bad_request", f"options must be a JSON object: {exc}") from exc
         if not isinstance(kwargs, dict):
             raise _ApiError(400, "bad_request", "options must be a JSON object")
         try:
             tasks = await asyncio.to_thread(lambda: entry.tasks(**kwargs).tasks(split, n))
         except (TypeError, ValueError, KeyError) as exc:
-            raise _ApiError(400, "bad_request", f"cannot draw {n} {split!r} tasks: {_describe(exc)}") from exc
+            raise _ApiError(400, "bad_request", f"cannot draw {n} {shorten(split)!r} tasks: {_describe(exc)}") from exc
         return TaskList(tasks=tasks).model_dump(mode="json")
 
     @app.post("/sessions")
@@ -455,8 +498,13 @@ def create_env_app(
         try:
             async with table.use(session_id) as session:
                 env = session.env
-                obs = await _bounded(session, lambda: env.reset(body.task, body.seed), "reset", env_timeout_s)
-                return _json_response(Observation, obs, "reset")
+                session.reset = False
+                obs = await _bounded(
+                    session, lambda: env.reset(body.task, body.seed), "reset", env_timeout_s, _TASK_REFUSALS
+                )
+                response = _json_response(Observation, obs, "reset")
+                session.reset = True
+                return response
         except _ApiError as exc:
             if exc.code == "env_timeout":  # the env's state is unknown after a cancelled call: drop it
                 await table.remove(session_id, wait=False)
@@ -466,6 +514,13 @@ def create_env_app(
     async def step(session_id: str, body: StepRequest) -> Any:
         try:
             async with table.use(session_id) as session:
+                if not session.reset:
+                    raise _ApiError(
+                        409,
+                        "reset_required",
+                        f"session {shorten(session_id)!r} has no episode to step: POST /sessions/{{id}}/reset first"
+                        " (a step before the first reset, or after a reset that failed)",
+                    )
                 env = session.env
                 result = await _bounded(session, lambda: env.step(body.action), "step", env_timeout_s)
                 return _json_response(StepResult, result, "step")

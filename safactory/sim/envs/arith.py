@@ -149,6 +149,10 @@ class ArithEnv(ToolEnvironment):
     spec = SPEC
 
     async def on_reset(self, task: Task) -> list[Message]:
+        try:
+            float(task.data["answer"])
+        except (KeyError, TypeError, ValueError, OverflowError):  # a task made elsewhere: refused now, not mid-episode
+            raise ValueError(f"an arith task needs data.answer, a number; task {task.id[:100]!r} has none") from None
         return [Message(role="user", content=task.prompt)]
 
     def tool_calc(self, expression: str) -> str:
