@@ -6,6 +6,7 @@ The resolved configuration and its hash are saved in the run directory.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -240,10 +241,19 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             node = node.setdefault(key, {})
         if not isinstance(node, dict | list):
             raise ValueError(f"override {assignment!r}: {key!r} is not a section")
+    value = _parse_yaml(raw, f"override {assignment!r}")
     if isinstance(node, list):
-        node[_index(node, keys[-1], assignment)] = yaml.safe_load(raw)
+        node[_index(node, keys[-1], assignment)] = value
     else:
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = value
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """`yaml.safe_load`, its errors (bad syntax, an undefined alias, a nest too deep) as a ValueError naming `what`."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ValueError(f"{what} is not valid YAML: {exc}") from exc
 
 
 def _index(items: list[Any], key: str, assignment: str) -> int:
@@ -260,13 +270,35 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML run file (or start from defaults), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text: {exc}") from exc
+        loaded = _parse_yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping at the top level")
         data = loaded or {}
     for assignment in overrides or []:
         apply_override(data, assignment)
-    return RunConfig.model_validate(data)
+    try:
+        _check_finite(data, "")
+    except RecursionError:
+        raise ValueError("the config nests too deeply or refers to itself (an alias inside its own anchor)") from None
+    config = RunConfig.model_validate(data)
+    try:
+        config.hash()
+    except ValueError as exc:  # a value the saved config (JSON, YAML) could not carry
+        raise ValueError(f"the config cannot be saved: {exc}") from exc
+    return config
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinities anywhere: the config is saved as JSON, and must load back the same."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'the config'}: {value} is not a finite number")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_finite(item, f"{where}.{key}" if where else str(key))
 
 
 def save_config(config: RunConfig, directory: Path) -> None:

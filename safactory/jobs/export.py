@@ -2,7 +2,7 @@
 
 Formats:
   jsonl    one whole trajectory per line (token traces, hashes, provenance): lossless;
-           `import_jsonl` reads it back and checks every content hash.
+           `import_trajectories` reads it back and checks every content hash.
   parquet  the same records as columns (nested JSON kept as strings) via pyarrow;
            imports back losslessly too.
   trl      TRL's conversational format, one row per trajectory: `messages` (OpenAI
@@ -15,6 +15,8 @@ Formats:
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -197,7 +199,10 @@ def read_trajectories(path: Path) -> Iterator[Trajectory]:
 
 
 def _read_records(path: Path) -> Iterator[tuple[str, Trajectory]]:
-    """Each trajectory of an export with where it was read: `path:line` (jsonl) or `path:row` (parquet)."""
+    """Each trajectory of an export with where it was read: `path:line` (jsonl) or `path:row` (parquet).
+
+    A record that cannot be read is a ValueError that names its line or row.
+    """
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -205,16 +210,41 @@ def _read_records(path: Path) -> Iterator[tuple[str, Trajectory]]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
             for row in batch.to_pylist():
                 n += 1
-                yield f"{path}:row {n}", _unflat(row)
+                try:
+                    traj = _unflat(row)
+                except (ValueError, TypeError, RecursionError) as exc:
+                    raise ValueError(f"{path}:row {n}: not a trajectory record ({exc})") from exc
+                yield f"{path}:row {n}", traj
         return
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({exc})") from exc
             if line.strip():
                 try:
                     traj = Trajectory.model_validate_json(line)
-                except ValueError as exc:
+                except (ValueError, RecursionError) as exc:
                     raise ValueError(f"{path}:{n}: not a trajectory record ({exc})") from exc
                 yield f"{path}:{n}", traj
+
+
+def _checked_records(path: Path) -> Iterator[Trajectory]:
+    """The trajectories of an export, each refused (a ValueError naming its row) unless its content
+    hash is there and still matches, and its reward is one the store takes."""
+    for where, traj in _read_records(path):
+        if not traj.content_hash:
+            raise ValueError(f"{where}: trajectory {traj.id} has no content hash; refusing to import it")
+        try:
+            digest = content_hash(traj)
+        except (ValueError, TypeError, OverflowError, struct.error, RecursionError) as exc:  # e.g. an id past int32
+            raise ValueError(f"{where}: trajectory {traj.id} cannot be encoded ({exc}); refusing to import it") from exc
+        if digest != traj.content_hash:
+            raise ValueError(f"{where}: trajectory {traj.id} does not match its content hash; refusing to import it")
+        if not math.isfinite(traj.reward):
+            raise ValueError(f"{where}: trajectory {traj.id} has a non-finite reward; refusing to import it")
+        yield traj
 
 
 def import_trajectories(
@@ -222,10 +252,14 @@ def import_trajectories(
 ) -> int:
     """Load an export into `store` (creating runs as needed); every content hash must still match.
 
-    Returns how many trajectories were new. Import stops at the first record that fails
-    its hash or has none (an empty `content_hash` would let an edited record through);
-    batches before it are stored, and re-importing is idempotent.
+    Returns how many trajectories were new. The whole file is checked first: a record that
+    cannot be read, has no content hash (an empty one would let an edited record through) or
+    fails it refuses the import with a ValueError naming its line, and nothing is stored, so an
+    import is never left half done by a bad record. Then the records are stored in batches of
+    `batch_size` (a second reading, checked again); re-importing is idempotent.
     """
+    for _ in _checked_records(path):
+        pass
     known_runs = set(store.run_ids())
     added = 0
     batch: list[Trajectory] = []
@@ -240,11 +274,7 @@ def import_trajectories(
             progress(len(batch))
         batch.clear()
 
-    for where, traj in _read_records(path):
-        if not traj.content_hash:
-            raise ValueError(f"{where}: trajectory {traj.id} has no content hash; refusing to import it")
-        if content_hash(traj) != traj.content_hash:
-            raise ValueError(f"{where}: trajectory {traj.id} does not match its content hash; refusing to import it")
+    for traj in _checked_records(path):
         batch.append(traj)
         if len(batch) >= batch_size:
             flush()

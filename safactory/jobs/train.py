@@ -12,6 +12,7 @@ trajectory exactly once.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -75,7 +76,9 @@ class OfflineTrainer:
     def _setup(self) -> None:
         job = self.job
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / JOB_FILE).write_text(json.dumps(asdict(job), indent=2))
+        tmp = self.out / f".{JOB_FILE}.tmp"  # written whole or not at all: a kill never leaves half a job file
+        tmp.write_text(json.dumps(asdict(job), indent=2))
+        os.replace(tmp, self.out / JOB_FILE)
         torch.manual_seed(job.seed)
         if job.model == "tiny":
             model, tokenizer = build_tiny(TinyModelSpec(), job.seed)
@@ -90,6 +93,8 @@ class OfflineTrainer:
         if resumed.path is not None and resumed.meta is not None:
             self.version = resumed.meta.version
             self.saved = (self.version, resumed.path)
+            # a kill between writing the checkpoint and recording it left it out of the store: record it now
+            self._record(resumed.path, resumed.meta.version, resumed.meta.parent_version, resumed.meta.train_step)
             self.log(
                 f"resumed from {resumed.path.name} (step {resumed.step}); "
                 f"{resumed.released} consumptions of lost steps released"
@@ -188,13 +193,17 @@ class OfflineTrainer:
             train_step=self.trainer.step,
             extra={"consumer": self.job.consumer, "mode": self.job.mode},
         )
+        self._record(path, self.version, parent, self.trainer.step)
+        self.saved = (self.version, path)
+        return path
+
+    def _record(self, path: Path, version: int, parent: int | None, train_step: int) -> None:
+        """Record a checkpoint in the store (once: a version already recorded is left as it is)."""
         self.store.add_checkpoint(
             self.job.consumer,
-            self.version,
+            version,
             weights_hash=json.loads((path / "checkpoint.json").read_text())["weights_hash"],
-            train_step=self.trainer.step,
+            train_step=train_step,
             parent_version=parent,
             path=str(path),
         )
-        self.saved = (self.version, path)
-        return path

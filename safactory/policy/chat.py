@@ -47,7 +47,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,7 +58,8 @@ from safactory.types import Message, ToolCall, ToolSpec
 
 PREFIX = {"system": "S: ", "user": "U: ", "assistant": "A: ", "tool": "O: "}
 _CALL = re.compile(r"([A-Za-z_][\w.-]*)\((.*)\)", re.DOTALL)  # MCP names may hold . and -
-_TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_CLOSE_TAG = re.compile(re.escape(_CLOSE))
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 TOOLS_PREAMBLE = (
     "You can call the tools below, each described by a JSON schema:\n<tools>\n{tools}\n</tools>\n"
@@ -232,13 +233,12 @@ def parse_json_tool_calls(text: str) -> tuple[list[ToolCall], str | None] | None
     stripped = text.strip()
     if "<tool_call>" in stripped:
         calls: list[ToolCall] = []
-        for block in _TOOL_CALL_BLOCK.findall(stripped):
-            obj, error = load_json(block.strip())
+        for obj, error, block in _tool_call_blocks(stripped):
             if error is not None:
-                return [], f"malformed tool call JSON: {error}: {block.strip()[:60]!r}"
+                return [], f"malformed tool call JSON: {error}: {block[:60]!r}"
             call = _call_from_json(obj, len(calls))
             if call is None:
-                return [], f"a tool call needs a name and JSON-object arguments: {block.strip()[:60]!r}"
+                return [], f"a tool call needs a name and JSON-object arguments: {block[:60]!r}"
             calls.append(call)
         return calls, None
     fenced = _FENCE.match(stripped)
@@ -255,6 +255,32 @@ def parse_json_tool_calls(text: str) -> tuple[list[ToolCall], str | None] | None
     if not items or any(call is None for call in found):
         return None
     return [call for call in found if call is not None], None
+
+
+def _tool_call_blocks(text: str) -> Iterator[tuple[Any, str | None, str]]:
+    """(value, None, block) for each `<tool_call>` block of `text`, or a last (None, error, block).
+
+    A block ends at the first `</tool_call>` before which its text is JSON (a string inside
+    the call may hold `</tool_call>` itself), else at the end of the text (as when a stop
+    string cut the closing tag); the error is that of the shortest candidate.
+    """
+    start = text.find(_OPEN)
+    while start >= 0:
+        body = start + len(_OPEN)
+        ends = [m.start() for m in _CLOSE_TAG.finditer(text, body)] + [len(text)]
+        first: tuple[str, str] | None = None
+        for end in ends:
+            block = text[body:end].strip()
+            obj, error = load_json(block)
+            if error is None:
+                yield obj, None, block
+                start = text.find(_OPEN, end + len(_CLOSE)) if end < len(text) else -1
+                break
+            first = first or (error, block)
+        else:
+            assert first is not None
+            yield None, first[0], first[1]
+            return
 
 
 def tool_call_text(calls: Iterable[ToolCall]) -> str:

@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 import openai
 from openai import AsyncOpenAI
+from pydantic import BaseModel
 
 from safactory.policy.base import Completion, PolicyError, SamplingParams
 from safactory.types import Message, ToolCall, ToolSpec
@@ -156,6 +157,10 @@ class EndpointPolicy:
                 ) from exc
             except openai.OpenAIError as exc:
                 raise EndpointError(f"{what} on {self.base_url} failed: {exc!r}") from exc
+            except ValueError as exc:  # the body is not JSON (the client's own parse of it failed)
+                raise EndpointError(
+                    f"{self.base_url} answered the {what} request with a malformed body: {exc}"
+                ) from exc
         raise EndpointError(
             f"endpoint {self.base_url} is down or unreachable: {what} failed {self.max_attempts} times "
             f"(bounded retries with backoff); last error: {last!r}",
@@ -187,7 +192,11 @@ class EndpointPolicy:
             return await client.chat.completions.create(**kwargs)
 
         response = await self._call("chat completion", call)
-        return completion_from_response(response.model_dump(), sampling, default_version=self.version)
+        data = response.model_dump(warnings=False) if isinstance(response, BaseModel) else response
+        try:
+            return completion_from_response(data, sampling, default_version=self.version)
+        except EndpointError as exc:
+            raise EndpointError(f"{self.base_url}: {exc}") from exc
 
     async def score(self, token_ids: list[int]) -> list[float | None]:
         """Log-prob of each token given its prefix (None for the first), at temperature 1."""
@@ -214,11 +223,13 @@ class EndpointPolicy:
             lp = data["choices"][0]["logprobs"]["token_logprobs"]
         except (KeyError, IndexError, TypeError):
             raise EndpointError(f"{self.base_url} returned no prompt log-probs for echo+logprobs") from None
-        if lp is None or len(lp) < len(token_ids):
-            raise EndpointError(
-                f"{self.base_url} returned {0 if lp is None else len(lp)} log-probs for {len(token_ids)} prompt tokens"
-            )
-        out: list[float | None] = [None if v is None else float(v) for v in lp[: len(token_ids)]]
+        if not isinstance(lp, list) or len(lp) < len(token_ids):
+            n = len(lp) if isinstance(lp, list) else 0
+            raise EndpointError(f"{self.base_url} returned {n} log-probs for {len(token_ids)} prompt tokens")
+        try:
+            out: list[float | None] = [None if v is None else float(v) for v in lp[: len(token_ids)]]
+        except (TypeError, ValueError) as exc:
+            raise EndpointError(f"{self.base_url} returned log-probs that are not numbers: {exc}") from None
         out[0] = None
         return out
 
@@ -242,7 +253,18 @@ class EndpointPolicy:
 def completion_from_response(
     data: dict[str, Any], sampling: SamplingParams, *, default_version: int = 0, choice_index: int = 0
 ) -> Completion:
-    """An OpenAI chat completion response (as a dict) -> our Completion. Never raises on bad tool calls."""
+    """An OpenAI chat completion response (as a dict) -> our Completion.
+
+    Bad tool calls become `parse_error`; a response of any other wrong shape (a part missing,
+    of the wrong type, a log-prob that is not a number) raises an EndpointError that says so.
+    """
+    try:
+        return _completion(data, sampling, default_version, choice_index)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise EndpointError(f"the endpoint answered with a malformed chat completion: {exc!r}"[:500]) from exc
+
+
+def _completion(data: dict[str, Any], sampling: SamplingParams, default_version: int, choice_index: int) -> Completion:
     choices = data.get("choices") or []
     if not choices or choice_index >= len(choices):
         raise EndpointError("the endpoint answered without choices")
