@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from safactory.sim.sandbox_init import full_file
+
 KilledBy = Literal["cpu", "memory", "wall", "file_size", "output"]
 Isolation = Literal["namespaces", "none"]
 WORKDIR = "/home/sandbox"  # the program's working directory and HOME inside the namespaces
@@ -298,7 +300,9 @@ class Sandbox:
             why = report.get("error") or f"no report (exit {returncode}): {bytes(err.kept[-500:])!r}"
             raise SandboxError(f"sandbox setup failed: {why}")
         stderr = err.text()
-        full = report.get("full_files", False) if workdir is None else _has_full_file(workdir, limits.file_size_bytes)
+        full = (
+            report.get("full_files", False) if workdir is None else full_file((str(workdir),), limits.file_size_bytes)
+        )
         return SandboxResult(
             stdout=out.text(),
             stderr=stderr,
@@ -360,18 +364,6 @@ def _cause(exit_code: int, cpu_s: float | None, full_file: bool, stderr: str, li
     if any(sign in stderr[-2000:] for sign in MEMORY_SIGNS):
         return "memory"
     return None
-
-
-def _has_full_file(workdir: Path, size: int) -> bool:
-    """A file that reached the size limit (the kernel stops a write there); for isolation='none'."""
-    for dirpath, _, filenames in os.walk(workdir):
-        for name in filenames:
-            try:
-                if os.lstat(os.path.join(dirpath, name)).st_size >= size:
-                    return True
-            except OSError:
-                continue
-    return False
 
 
 def _set_limits(limits: Limits) -> None:
