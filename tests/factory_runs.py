@@ -18,6 +18,9 @@ ARITH = [
     "rollout.max_batch=64",
     "logging.tensorboard=false",
     "logging.report=false",
+    # raw: an untrained model's random text can look like a secret (an address, say), and redaction
+    # would then drop that turn's token trace; these runs check traces, not redaction
+    "redact=false",
 ]
 
 

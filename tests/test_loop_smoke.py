@@ -33,6 +33,7 @@ OVERRIDES = [
     "rl.eval_every=2",
     "rl.drop_equal_groups=false",
     "rl.temperature=1.5",
+    "redact=false",  # random text can look like a secret; these runs check every turn's trace
 ]
 
 
