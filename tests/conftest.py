@@ -58,9 +58,8 @@ def arith_tasks():
     return ArithTasks()
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """A real PostgreSQL server for the session, or a skip where none is installed."""
+def running_postgres():
+    """Start a real PostgreSQL server of its own, yield it, stop it; a skip where none is installed."""
     bindir = find_bindir()
     if bindir is None:
         pytest.skip("no PostgreSQL binaries on this machine (set SAFACTORY_PG_BINDIR)")
@@ -68,6 +67,12 @@ def postgres():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session, or a skip where none is installed."""
+    yield from running_postgres()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -48,7 +48,8 @@ from safactory.policy.endpoint import EndpointPolicy
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.envs.arith import ArithEnv, ArithExpert, ArithTasks, prompt_expression
 from safactory.sim.runner import RolloutRunner
-from tests.pg_server import PostgresServer, find_bindir, free_port
+from tests.conftest import running_postgres
+from tests.pg_server import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from safactory.cli import main; main()"]
@@ -556,13 +557,7 @@ def test_kill_9_env_server_under_a_rollout(tmp_path: Path, trial: int) -> None:
 @pytest.fixture(scope="module")
 def restartable_pg() -> Iterator[PostgresServer]:
     """A PostgreSQL server of this module's own (the session's shared one is never restarted)."""
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL binaries on this machine (set SAFACTORY_PG_BINDIR)")
-    server = PostgresServer(bindir)
-    server.start()
-    yield server
-    server.stop()
+    yield from running_postgres()
 
 
 def restart(server: PostgresServer, mode: str, down_s: float) -> None:
