@@ -81,6 +81,7 @@ class GroupBatch:
     groups_used: int
     groups_dropped: int
     mean_reward: float
+    prefix_breaks: int = 0  # extra sequences: turns whose prompt did not continue the episode's tokens
 
 
 def group_batch(
@@ -95,7 +96,7 @@ def group_batch(
     safety-shaped reward of `safactory.data.verdicts.safety_reward`.
     """
     sequences: list[TrainSequence] = []
-    used = dropped = 0
+    used = dropped = breaks = 0
     rewards_all: list[float] = []
     for group in groups:
         rewards_G = torch.tensor([reward_of(t) if reward_of else t.reward for t in group], dtype=torch.float64)
@@ -106,8 +107,10 @@ def group_batch(
         used += 1
         adv_G = group_advantages(rewards_G, normalize_std=normalize_std)
         for traj, adv in zip(group, adv_G.tolist(), strict=True):
-            for seq in rl_sequences(traj):
+            seqs = rl_sequences(traj)
+            breaks += max(len(seqs) - 1, 0)
+            for seq in seqs:
                 seq.advantage = adv
                 sequences.append(seq)
     mean = sum(rewards_all) / len(rewards_all) if rewards_all else 0.0
-    return GroupBatch(sequences, used, dropped, mean)
+    return GroupBatch(sequences, used, dropped, mean, breaks)

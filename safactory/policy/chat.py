@@ -335,7 +335,14 @@ class HFTokenizer:
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        return str(self.hf.decode(list(ids), skip_special_tokens=skip_special))
+        # no clean-up of spaces: the text must be exactly what the ids spell
+        return str(self.hf.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False))
+
+    def normalize(self, text: str) -> str:
+        """`text` as the tokenizer's normaliser sees it (e.g. NFC): the text its ids decode back to."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        normalizer = getattr(backend, "normalizer", None)
+        return str(normalizer.normalize_str(text)) if normalizer is not None else text
 
     def save(self, directory: str | Path) -> None:
         self.hf.save_pretrained(str(directory))

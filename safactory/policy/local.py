@@ -64,6 +64,7 @@ from transformers import PreTrainedModel
 
 from safactory.policy.base import Completion, PolicyError, SamplingParams
 from safactory.policy.chat import ChatRenderer
+from safactory.policy.continuation import Continuations
 from safactory.policy.prefix_cache import PrefixCache
 from safactory.policy.sampling import StopScanner, cut_at_stop, finish_reason, next_token_logprobs, sample_tokens
 from safactory.policy.slots import HAVE_ATTENTION_INTERFACE, SLOTS_ATTENTION, CachedPrefix, KVSlots
@@ -200,6 +201,7 @@ class LocalPolicy:
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         use_cache = continuous and prefix_cache_mb > 0
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if use_cache else None
+        self.turns = Continuations(chat)  # token-in, token-out across an episode's turns
 
     @property
     def running(self) -> int:
@@ -208,8 +210,9 @@ class LocalPolicy:
 
     # ---- serving -------------------------------------------------------------------
     async def generate(self, messages: list[Message], tools: list[ToolSpec], sampling: SamplingParams) -> Completion:
-        """Render the conversation with the chat renderer, sample a completion, parse its tool calls."""
-        prompt_ids = self.chat.prompt_ids(messages, tools)
+        """Render the conversation (continuing the tokens of its earlier turns, `Continuations`), sample a
+        completion, parse its tool calls."""
+        prompt_ids = self.turns.prompt_ids(messages, tools)
         if len(prompt_ids) + sampling.max_tokens > self.max_positions:
             raise PolicyError(
                 f"prompt of {len(prompt_ids)} tokens + max_tokens {sampling.max_tokens} "
@@ -218,6 +221,8 @@ class LocalPolicy:
         result = await self._submit(prompt_ids, sampling)
         text = self._text(result.token_ids, sampling)
         calls, error = self.chat.parse(text, tools)
+        with contextlib.suppress(ValueError):  # a reply no message can hold is not continued (the agent ends there)
+            self.turns.record(messages, tools, text, calls, prompt_ids, result.token_ids)
         return self._completion(prompt_ids, sampling, result, text, calls, error)
 
     async def generate_ids(self, prompt_ids: list[int], sampling: SamplingParams) -> Completion:
