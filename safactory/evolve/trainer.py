@@ -11,7 +11,9 @@ Objectives:
              before this batch's updates) times a capped behaviour importance weight;
   opd        like `decoupled`/`ppo` but with per-token advantages (on-policy
              distillation: `TrainSequence.token_advantages`).
-An optional frozen reference model adds `kl_coef * k3` KL to the loss. `imitate` is an
+An optional frozen reference model adds `kl_coef * k3` KL to the loss; for a LoRA model the
+reference can be the model itself with its adapter switched off (`use_base_as_reference`: the
+base weights, no second copy). `imitate` is an
 extra SFT update at its own learning rate inside the current step (RL's imitation of
 curated experience).
 """
@@ -25,6 +27,7 @@ from transformers import PreTrainedModel
 
 from safactory.evolve.experience import TrainSequence
 from safactory.evolve.losses import k3_kl, ppo_clip_loss, sft_loss, token_logprobs
+from safactory.policy.weights import is_adapter_model, version_state
 
 Objective = Literal["sft", "ppo", "decoupled", "opd"]
 
@@ -42,20 +45,39 @@ class Trainer:
         pad_id: int = 0,
         ref_model: PreTrainedModel | None = None,
         kl_coef: float = 0.0,
+        logits_mb: float = 1024.0,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.grad_clip = grad_clip
         self.micro_batch_size = micro_batch_size
-        self.micro_tokens = micro_tokens
+        # a micro-batch's logits and their log-softmax (about 16 bytes a token per vocabulary entry while
+        # the graph holds them) stay within `logits_mb`: a 150k vocabulary gets far fewer tokens than a tiny one
+        vocab = int(getattr(model.config, "vocab_size", 0) or 1)
+        self.micro_tokens = max(64, min(micro_tokens, int(logits_mb * 2**20 / (16 * vocab))))
         self.pad_id = pad_id
         self.ref_model = ref_model.eval() if ref_model is not None else None
         self.kl_coef = kl_coef
+        self.base_reference = False  # the KL reference is this model with its adapter disabled
         if kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
         self.step = 0
+
+    def use_base_as_reference(self) -> None:
+        """Make the KL reference the base model under this LoRA model's adapter (the adapter disabled)."""
+        if not is_adapter_model(self.model):
+            raise ValueError("only a LoRA (peft) model can use its base as the KL reference")
+        self.ref_model = None
+        self.base_reference = True
+
+    def _reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if self.base_reference:
+                with self.model.disable_adapter():
+                    return self.sequence_logprobs(batch, use_temperature=True)
+            return self.sequence_logprobs(batch, use_temperature=True, model=self.ref_model)
 
     def lr(self) -> float:
         """The learning rate of the next step (0.0 without trainable parameters)."""
@@ -191,9 +213,8 @@ class Trainer:
                     behaviour_logprobs_BT=batch["old_BT"][:, 1:] if decoupled else None,
                     behaviour_cap=behaviour_cap,
                 )
-                if self.ref_model is not None and self.kl_coef > 0:
-                    with torch.no_grad():
-                        ref_BT = self.sequence_logprobs(batch, use_temperature=True, model=self.ref_model)
+                if (self.ref_model is not None or self.base_reference) and self.kl_coef > 0:
+                    ref_BT = self._reference_logprobs(batch)
                     kl = k3_kl(logp_BT, ref_BT, mask_BT, denominator=n_tokens)
                     loss = loss + self.kl_coef * kl
                     micro_stats["kl_ref"] = float(kl.detach()) * n_tokens / max(float(mask_BT.sum()), 1.0)
@@ -219,5 +240,6 @@ class Trainer:
             self.set_lr(before)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the weights, safe to hand to another thread or policy."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """A detached copy of a version's weights (a LoRA model's: its adapter), safe to hand to another
+        thread or policy."""
+        return version_state(self.model)

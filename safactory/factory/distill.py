@@ -1,6 +1,6 @@
 """Distillation of the deployed policy into a smaller student, on-policy (reverse KL).
 
-The student (a tiny model sharing the teacher's tokenizer) gets its own warm start on
+The student (a tiny model sharing the teacher's tokenizer and chat format) gets its own warm start on
 the run's demonstrations, then online steps on its own rollouts scored by the teacher,
 and is gated like the main policy. It is saved to OUT/student.
 """
@@ -18,7 +18,7 @@ from safactory.factory.heldout import evaluate
 from safactory.factory.learner import Learner, make_learner, register_start
 from safactory.factory.online import OnlineSpec, OnlineStage
 from safactory.factory.warm_start import warm_start
-from safactory.policy.models import TinyModelSpec, build_tiny, save_model
+from safactory.policy.models import PolicyModel, TinyModelSpec, build_tiny, save_model
 
 
 async def distill_student(ctx: RunContext, main: Learner, learners: list[Learner]) -> None:
@@ -28,8 +28,9 @@ async def distill_student(ctx: RunContext, main: Learner, learners: list[Learner
     teacher_model = copy.deepcopy(main.trainer.model).eval()
     teacher = LocalTeacher(teacher_model, main.tokenizer, main.tokenizer, pad_id=main.tokenizer.pad_id)
     spec = TinyModelSpec(d.hidden_size, d.layers, cfg.model.heads, d.intermediate_size, cfg.model.max_positions)
-    model, tokenizer = build_tiny(spec, cfg.seed + 1, main.tokenizer)
-    student = make_learner(ctx, "student", f"{ctx.state.run_id}-student", model, tokenizer, cfg.sft.lr, main=False)
+    model, _ = build_tiny(spec, cfg.seed + 1, main.tokenizer)
+    start = PolicyModel(model, main.chat, "tiny")
+    student = make_learner(ctx, "student", f"{ctx.state.run_id}-student", start, cfg.sft.lr, main=False)
     learners.append(student)
     if latest_checkpoint(student.checkpoints) is None:
         await register_start(ctx, student)

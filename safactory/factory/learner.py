@@ -19,11 +19,12 @@ from transformers import PreTrainedModel
 
 from safactory.evolve.trainer import Trainer
 from safactory.factory.context import RunContext
-from safactory.policy.chat import PlainTextChat
+from safactory.policy.chat import ChatRenderer
 from safactory.policy.endpoint import EndpointPolicy
 from safactory.policy.local import LocalPolicy
+from safactory.policy.models import PolicyModel, merge_lora, save_adapter, save_model
 from safactory.policy.served import ServedPolicy
-from safactory.policy.subword import TinyTokenizer
+from safactory.policy.weights import is_adapter_model, version_state
 from safactory.provenance import weights_hash
 from safactory.sim.runner import RolloutRunner
 
@@ -39,10 +40,11 @@ class Learner:
     run_id: str
     trainer: Trainer
     policy: LocalPolicy | ServedPolicy
-    tokenizer: TinyTokenizer
-    chat: PlainTextChat
+    tokenizer: Any  # the chat renderer's `ChatTokenizer`
+    chat: ChatRenderer
     runners: dict[str, RolloutRunner]
     checkpoints: Path
+    base: str = "tiny"  # the model spec it started from (a LoRA adapter's base)
     phase_prefix: str = ""
     warm_start_key: str = "sft"
     weights_hashes: dict[int, str] = field(default_factory=dict)
@@ -62,15 +64,15 @@ def make_learner(
     ctx: RunContext,
     name: str,
     run_id: str,
-    model: PreTrainedModel,
-    tokenizer: TinyTokenizer,
+    start: PolicyModel,
     lr: float,
     *,
     main: bool,
 ) -> Learner:
-    """A learner for `model`, its policy continuing the version numbers the store already holds."""
-    model = model.to(ctx.config.model.torch_device())
-    chat = PlainTextChat(tokenizer)
+    """A learner for the model `start`, its policy continuing the version numbers the store already holds."""
+    model = start.model.to(ctx.config.model.torch_device())
+    chat = start.chat
+    tokenizer = chat.tokenizer
     stored = [c["version"] for c in ctx.store.checkpoints(run_id)]
     version = max(stored) if stored else 0  # after a crash the next publish gets a new number
     learner = Learner(
@@ -80,6 +82,7 @@ def make_learner(
         policy=_policy(ctx, name, model, tokenizer, chat, version),
         tokenizer=tokenizer,
         chat=chat,
+        base=start.source,
         runners={},
         checkpoints=ctx.out / "checkpoints" / name,
         phase_prefix="" if main else f"{name}:",
@@ -105,7 +108,7 @@ def make_learner(
 
 
 def _policy(
-    ctx: RunContext, name: str, model: PreTrainedModel, tokenizer: TinyTokenizer, chat: PlainTextChat, version: int
+    ctx: RunContext, name: str, model: PreTrainedModel, tokenizer: Any, chat: ChatRenderer, version: int
 ) -> LocalPolicy | ServedPolicy:
     """The policy serving a learner's rollouts: in-process, or the configured endpoint."""
     rollout = ctx.config.rollout
@@ -154,7 +157,7 @@ async def register_start(ctx: RunContext, learner: Learner) -> None:
         # a new number after a crash; a server is always sent the starting weights first
         await publish(ctx, learner, parent=None)
     else:
-        record_version(ctx, learner, learner.policy.model.state_dict(), parent=None)
+        record_version(ctx, learner, version_state(learner.policy.model, copy=False), parent=None)
 
 
 async def publish(ctx: RunContext, learner: Learner, parent: int | None = None) -> int:
@@ -164,3 +167,13 @@ async def publish(ctx: RunContext, learner: Learner, parent: int | None = None) 
     await learner.policy.publish(weights)
     record_version(ctx, learner, weights, parent)
     return learner.policy.version
+
+
+def save_deployed(learner: Learner, out: Path) -> None:
+    """Save the learner's current weights as a standard HF directory `out/model`; a LoRA learner's
+    adapter is merged into a copy of its base there and also saved alone in `out/adapter`."""
+    model = learner.trainer.model
+    if is_adapter_model(model):
+        save_adapter(model, out / "adapter", base=learner.base)
+        model = merge_lora(copy.deepcopy(model))
+    save_model(model, learner.tokenizer, out / "model")

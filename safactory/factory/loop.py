@@ -33,11 +33,10 @@ from safactory.factory.context import RunContext, open_context
 from safactory.factory.distill import distill_student
 from safactory.factory.gating import gate
 from safactory.factory.heldout import evaluate
-from safactory.factory.learner import Learner, make_learner, register_start
+from safactory.factory.learner import Learner, make_learner, register_start, save_deployed
 from safactory.factory.model_init import initial_model, rl_teacher
 from safactory.factory.online import OnlineSpec, OnlineStage
 from safactory.factory.warm_start import warm_start
-from safactory.policy.models import save_model
 
 
 class Stage(Protocol):
@@ -78,7 +77,8 @@ class WarmStart:
 
 
 class RL:
-    """Asynchronous safety-aware RL, gated at the end too; the deployed version is saved to OUT/model."""
+    """Asynchronous safety-aware RL, gated at the end too; the deployed version is saved to OUT/model
+    (a LoRA run: merged there, and its adapter in OUT/adapter)."""
 
     name = "rl"
 
@@ -88,7 +88,7 @@ class RL:
             await OnlineStage(ctx, main, OnlineSpec.rl(rl, rl_teacher(ctx, main))).run()
             await gate(ctx, main, "rl", rl.steps)  # the end of RL is gated too
         ctx.summary["heldout"]["final"] = main.deployed["metrics"]
-        save_model(main.trainer.model, main.tokenizer, ctx.out / "model")
+        save_deployed(main, ctx.out)
         ctx.milestone("distill")
 
     async def resume(self, ctx: RunContext, main: Learner) -> None:
@@ -145,8 +145,8 @@ class Factory:
         return ctx.summary
 
     async def _stages(self, ctx: RunContext, learners: list[Learner]) -> None:
-        model, tokenizer = await initial_model(ctx)
-        main = make_learner(ctx, "policy", ctx.state.run_id, model, tokenizer, ctx.config.sft.lr, main=True)
+        start = await initial_model(ctx)
+        main = make_learner(ctx, "policy", ctx.state.run_id, start, ctx.config.sft.lr, main=True)
         learners.append(main)
         for stage in STAGES:
             if ctx.state.reached(stage.name):

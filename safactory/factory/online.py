@@ -149,7 +149,11 @@ class OnlineStage:
         self._requeue_leftovers()
         self.refused = refused_versions(ctx, learner)
         if spec.ref_kl > 0:
-            learner.trainer.ref_model = reference_model(ctx, learner)
+            reference = reference_model(ctx, learner)
+            if reference is None:  # a LoRA learner: its base, the adapter switched off
+                learner.trainer.use_base_as_reference()
+            else:
+                learner.trainer.ref_model = reference
             learner.trainer.kl_coef = spec.ref_kl
         if spec.imitation_lr > 0:
             self.pool = await imitation_pool(ctx, learner)
@@ -323,6 +327,7 @@ class OnlineStage:
             unsafe_rate=sum(bool(v.unsafe) for v in verdicts.values()) / max(len(verdicts), 1),
             mean_reward=batch.mean_reward,
             version_gaps=gaps,
+            prefix_breaks=batch.prefix_breaks,
             imitation_pool=len(self.pool) if self.pool is not None else None,
             clip_frac=stats.get("clip_frac"),
             approx_kl=stats.get("approx_kl"),

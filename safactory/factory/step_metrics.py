@@ -56,6 +56,7 @@ class StepMetrics:
     unsafe_rate: float
     mean_reward: float
     version_gaps: tuple[int, ...]
+    prefix_breaks: int = 0
     imitation_pool: int | None = None
     clip_frac: float | None = None
     approx_kl: float | None = None
@@ -91,6 +92,7 @@ class StepMetrics:
             "rollout/success_rate": self.success_rate,
             "rollout/unsafe_rate": self.unsafe_rate,
             "rollout/mean_reward": self.mean_reward,
+            "rollout/prefix_breaks": self.prefix_breaks,
             "rollout/version_gap_max": max(gaps, default=0),
             "rollout/version_gap_hist": {str(g): gaps.count(g) for g in sorted(set(gaps))},
             "rollout/version_gap_mean": sum(gaps) / max(len(gaps), 1),

@@ -6,8 +6,9 @@ Formats:
   parquet  the same records as columns (nested JSON kept as strings) via pyarrow;
            imports back losslessly too.
   trl      TRL's conversational format, one row per trajectory: `messages` (OpenAI
-           chat format with tool calls) and `tools` (OpenAI function specs), plus
-           reward/success; loads with `datasets.load_dataset("json", ...)`.
+           chat format; tool-call arguments as JSON objects, the call text taken out of
+           the assistant's `content` so a chat template writes each call once) and `tools`
+           (OpenAI function specs), plus reward/success; loads with `datasets.load_dataset("json", ...)`.
   rl       token-level RL rows: `input_ids`, `loss_mask`, `behaviour_logprobs`,
            `reward`, `group_id`, exactly as the trainer sees them.
 """
@@ -27,6 +28,7 @@ from safactory.data.codec import content_hash
 from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore
 from safactory.evolve.experience import rl_sequences
+from safactory.policy.chat import parse_json_tool_calls, parse_tool_calls
 from safactory.types import Message, ToolSpec, Trajectory
 
 FORMATS = ("jsonl", "parquet", "trl", "rl")
@@ -47,6 +49,75 @@ def openai_message(message: Message) -> dict[str, Any]:
     return out
 
 
+def trl_message(message: Message, tools: list[ToolSpec]) -> dict[str, Any]:
+    """A message in TRL's conversational format: tool call arguments as JSON objects, and an
+    assistant turn with tool calls keeps only the text around the calls as its `content`
+    (chat templates write `content` and then each call, so the call text would show twice)."""
+    out = openai_message(message)
+    if message.tool_calls:
+        out["content"] = text_around_calls(message.content, [c.name for c in message.tool_calls], tools)
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": dict(c.arguments)}}
+            for c in message.tool_calls
+        ]
+    return out
+
+
+def text_around_calls(content: str, names: list[str], tools: list[ToolSpec]) -> str:
+    """`content` less the tool calls written in it, stripped.
+
+    `<tool_call>` blocks are cut out wherever they stand (an unclosed last block runs to the
+    end). Content that is nothing but calls, as a bare JSON call object or list, or as
+    plain-text lines such as `calc(3+4)` naming the calls `names`, leaves "". Anything else
+    is free text and is kept as it is.
+    """
+    if _OPEN in content:
+        return _cut_blocks(content).strip()
+    found = parse_json_tool_calls(content)
+    if found is not None and found[0] and found[1] is None:
+        return ""
+    calls, error = parse_tool_calls(content, tools)
+    if error is None and [c.name for c in calls] == names:
+        return ""
+    return content
+
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+
+
+def _cut_blocks(text: str) -> str:
+    """`text` without its `<tool_call>...</tool_call>` blocks. A block ends at the first closing
+    tag before which its body is JSON (a string in the call may hold the tag itself), else at the
+    first closing tag, else at the end of the text."""
+    kept: list[str] = []
+    pos = 0
+    start = text.find(_OPEN)
+    while start >= 0:
+        kept.append(text[pos:start])
+        body = start + len(_OPEN)
+        closes = list(_find_all(text, _CLOSE, body))
+        end = next((i for i in closes if _is_json(text[body:i])), closes[0] if closes else len(text))
+        pos = min(end + len(_CLOSE), len(text))
+        start = text.find(_OPEN, pos)
+    kept.append(text[pos:])
+    return "".join(kept)
+
+
+def _find_all(text: str, needle: str, start: int) -> Iterator[int]:
+    i = text.find(needle, start)
+    while i >= 0:
+        yield i
+        i = text.find(needle, i + 1)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def openai_tool(spec: ToolSpec) -> dict[str, Any]:
     return {
         "type": "function",
@@ -56,7 +127,7 @@ def openai_tool(spec: ToolSpec) -> dict[str, Any]:
 
 def trl_row(traj: Trajectory) -> dict[str, Any]:
     return {
-        "messages": [openai_message(m) for m in traj.messages()],
+        "messages": [trl_message(m, traj.tools) for m in traj.messages()],
         "tools": [openai_tool(t) for t in traj.tools],
         "reward": traj.reward,
         "success": traj.success,

@@ -68,6 +68,7 @@ from safactory.policy.continuation import Continuations
 from safactory.policy.prefix_cache import PrefixCache
 from safactory.policy.sampling import StopScanner, cut_at_stop, finish_reason, next_token_logprobs, sample_tokens
 from safactory.policy.slots import HAVE_ATTENTION_INTERFACE, SLOTS_ATTENTION, CachedPrefix, KVSlots
+from safactory.policy.weights import is_adapter_model, load_version_state
 from safactory.types import Message, ToolCall, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,11 @@ class LocalPolicy:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
         # transformers 5.x renamed `past_key_values` to `cache`; speak whichever this version uses
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # (a LoRA model's forward passes these on to its base model's, which is the one to ask)
+        self._forward_params = inspect.signature(
+            model.get_base_model().forward if is_adapter_model(model) else model.forward
+        ).parameters
+        self._cache_kw = "cache" if "cache" in self._forward_params else "past_key_values"
         if continuous and not supports_continuous(model):
             log.warning(
                 "%s has no plain full-attention KV cache or pluggable attention; using static batching",
@@ -198,7 +203,7 @@ class LocalPolicy:
         # the running batch of the continuous engine (touched only by the step in the worker thread)
         self._rows: list[_Row] = []
         self._slots: KVSlots | None = None
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in self._forward_params
         use_cache = continuous and prefix_cache_mb > 0
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if use_cache else None
         self.turns = Continuations(chat)  # token-in, token-out across an episode's turns
@@ -355,7 +360,7 @@ class LocalPolicy:
         record both versions (see the module docstring).
         """
         with self._lock:
-            self.model.load_state_dict(state_dict)
+            load_version_state(self.model, state_dict)  # a whole model, or a LoRA model's adapter
             self.version = self.version + 1 if version is None else version
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()  # what it holds was computed by the old weights

@@ -52,10 +52,9 @@ class TinyModelSpec:
     max_positions: int = 1024
 
 
-def build_tiny(
-    spec: TinyModelSpec, seed: int, tokenizer: TinyTokenizer | None = None
-) -> tuple[PreTrainedModel, TinyTokenizer]:
-    """A random-init tiny Llama sized for `tokenizer` (default: characters), deterministic by seed."""
+def build_tiny(spec: TinyModelSpec, seed: int, tokenizer: Any = None) -> tuple[PreTrainedModel, Any]:
+    """A random-init tiny Llama sized for `tokenizer` (default: characters; any tokenizer with
+    `vocab_size`, `pad_id`, `bos_id` and `eos_id`), deterministic by seed."""
     tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size,
@@ -77,9 +76,9 @@ def build_tiny(
     return model, tokenizer
 
 
-def save_model(model: PreTrainedModel, tokenizer: TinyTokenizer, directory: str | Path) -> None:
-    """Save a tiny model (weights, config and its character or subword tokenizer) as an HF directory:
-    `AutoTokenizer` and `AutoModelForCausalLM` load it too, chat template included (`hf_export`)."""
+def save_model(model: PreTrainedModel, tokenizer: Any, directory: str | Path) -> None:
+    """Save a model (weights, config and tokenizer) as an HF directory; a tiny model's character or
+    subword tokenizer is written so that `AutoTokenizer` loads it too, chat template included (`hf_export`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

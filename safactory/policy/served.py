@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from safactory.policy.base import Completion, SamplingParams
 from safactory.policy.endpoint import EndpointPolicy
 from safactory.policy.publish import DiskPublisher, EndpointPublisher
+from safactory.policy.weights import load_version_state
 from safactory.types import Message, ToolSpec
 
 
@@ -53,7 +54,7 @@ class ServedPolicy:
     async def publish(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> int:
         """Write the weights as the next version (default: current + 1) and have the server load them."""
         target = self.version + 1 if version is None else version
-        self.model.load_state_dict(state_dict)
+        load_version_state(self.model, state_dict)
         await self.publisher.publish(self.model, target)
         self.endpoint.version = target
         for old in sorted(self.disk.root.glob("v*"))[: -self.keep]:
