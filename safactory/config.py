@@ -134,6 +134,12 @@ class RolloutConfig(_Strict):
         "`safactory serve-policy`) instead of in-process; each new version is written to OUT/published and "
         "loaded there with POST /v1/load_weights.",
     )
+    server: Literal["safactory", "vllm", "sglang"] = Field(
+        "safactory",
+        description="What serves rollout.endpoint, i.e. how new versions reach it: 'safactory' (serve-policy, "
+        "POST /v1/load_weights), 'vllm' or 'sglang' (their LoRA-adapter and weight-reload routes; see "
+        "docs/models.md). The server must read OUT/published at the same path.",
+    )
     endpoint_api_key_env: str | None = Field(
         None, description="Name of the environment variable that holds the endpoint's API key (never the key)."
     )

@@ -459,3 +459,27 @@ def test_publisher_for_reads_spec_strings(tmp_path):
         with pytest.raises(ValueError):
             publisher_for(bad, disk, model_name=BASE, lora=False)
     assert server_root("http://h:1/v1/") == "http://h:1"
+
+
+# ---- the loop's side: ServedPolicy publishing to vLLM / SGLang ---------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_served_policy_publishes_lora_versions_and_names_them_in_requests(kind, fake, models, tmp_path):
+    from safactory.policy.endpoint import EndpointPolicy
+    from safactory.policy.served import ServedPolicy
+    from safactory.policy.weights import version_state
+
+    lora_model, _, tokenizer = models
+    server, url = fake(kind)
+    endpoint = EndpointPolicy(f"{url}/v1", BASE)
+    served = ServedPolicy(endpoint, lora_model, tokenizer, tmp_path / "published", server=kind)
+    weights = version_state(lora_model)
+    assert set(weights) and all("lora_" in k for k in weights)  # only the adapter travels
+    assert asyncio.run(served.publish(weights)) == 1
+    assert asyncio.run(served.publish(weights)) == 2
+    assert server.routes() == [LOAD[kind], LOAD[kind], UNLOAD[kind]]
+    expected = "safactory-v000002" if kind == "vllm" else f"{BASE}:safactory-v000002"
+    assert endpoint.model == expected and served.version == 2
+    server.refuse[LOAD[kind]] = 1  # a refused version: the old adapter keeps serving, requests still name it
+    with pytest.raises(PublishError):
+        asyncio.run(served.publish(weights))
+    assert endpoint.model == expected and served.version == 2

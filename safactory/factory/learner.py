@@ -115,7 +115,10 @@ def _policy(
     if rollout.endpoint:
         key = os.environ.get(rollout.endpoint_api_key_env) if rollout.endpoint_api_key_env else None
         endpoint = EndpointPolicy.from_spec(rollout.endpoint, api_key=key)
-        return ServedPolicy(endpoint, model, tokenizer, ctx.out / "published" / name, version=version)
+        publish_dir = (ctx.out / "published" / name).resolve()  # the server reads it: an absolute path
+        return ServedPolicy(
+            endpoint, model, tokenizer, publish_dir, version=version, server=rollout.server, api_key=key
+        )
     return LocalPolicy(
         copy.deepcopy(model),
         chat,

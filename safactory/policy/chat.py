@@ -22,7 +22,9 @@ and asks for `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. Tool ca
 are parsed from `<tool_call>{json}</tool_call>` blocks (SmolLM2 / Qwen style), from
 a bare JSON object `{"name": ..., "arguments": ...}` (or a list of them), and
 otherwise from the plain-text protocol restricted to the offered tools; text that is
-none of these is a plain reply (no calls, no error).
+none of these is a plain reply (no calls, no error). An assistant turn whose text is
+its calls in the plain-text protocol (a scripted expert's demonstration) is shown to the
+model in its own format: the template's `tool_calls`, or `<tool_call>` lines.
 
 **Incremental rendering.** The prompt of turn k+1 starts with the prompt and the
 completion of turn k token for token, so a whole episode trains as one sequence.
@@ -390,7 +392,7 @@ class TemplateChat:
         out: list[dict[str, Any]] = []
         for m in messages:
             d: dict[str, Any] = {"role": m.role, "content": m.content}
-            if m.role == "assistant" and m.tool_calls and not m.content:
+            if m.role == "assistant" and m.tool_calls and (not m.content or _plain_protocol(m, tools or [])):
                 if self.template_tool_calls:
                     d["tool_calls"] = [
                         {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -526,6 +528,14 @@ class TemplateChat:
             if error is None and all(c.name in names for c in calls):
                 return calls, None
         return [], None
+
+
+def _plain_protocol(message: Message, tools: list[ToolSpec]) -> bool:
+    """Whether an assistant message's text is its tool calls written in the plain-text protocol (as
+    scripted experts write them, e.g. `calc(3+4)`): a chat model is shown those calls in its own format."""
+    calls, error = parse_tool_calls(message.content, tools)
+    wanted = [(c.name, c.arguments) for c in message.tool_calls]
+    return error is None and [(c.name, c.arguments) for c in calls] == wanted
 
 
 class _NotPrefixStable(Exception):

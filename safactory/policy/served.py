@@ -1,11 +1,14 @@
 """The rollout side on an OpenAI-compatible endpoint: generation there, new versions published to it.
 
 `ServedPolicy` lets the closed loop run its rollouts and evaluations against a server
-(`safactory serve-policy`, or any server that speaks the same `/v1/load_weights`
-call) instead of an in-process model. The trainer keeps its own copy of the weights;
+instead of an in-process model: `safactory serve-policy` (or any server that speaks the same
+`/v1/load_weights` call), vLLM or SGLang. The trainer keeps its own copy of the weights;
 each new version is written to `publish_dir/v<version>` and the server is asked to load
-it (see `safactory.policy.publish.EndpointPublisher`), so episodes carry the version
-the server reports. Only the newest `keep` published directories are kept on disk.
+it (`safactory.policy.publish.EndpointPublisher` for ours; a `VLLMPublisher` or
+`SGLangPublisher` from `safactory.policy.inference_servers` for theirs, after which requests
+name the model that serves the new version), so episodes carry the version the server
+reports. A LoRA model publishes its adapter alone to vLLM and SGLang, and merged into its
+base to our server. Only the newest `keep` published directories are kept on disk.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from transformers import PreTrainedModel
 
 from safactory.policy.base import Completion, SamplingParams
 from safactory.policy.endpoint import EndpointPolicy
+from safactory.policy.inference_servers import publisher_for
+from safactory.policy.models import merge_lora
 from safactory.policy.publish import DiskPublisher, EndpointPublisher
-from safactory.policy.weights import load_version_state
+from safactory.policy.weights import is_adapter_model, load_version_state
 from safactory.types import Message, ToolSpec
 
 
@@ -35,12 +40,21 @@ class ServedPolicy:
         *,
         version: int = 0,
         keep: int = 2,
+        server: str = "safactory",
+        api_key: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.endpoint.version = version
         self.model = copy.deepcopy(model).eval()  # the weights last published
         self.disk = DiskPublisher(publish_dir, tokenizer)
-        self.publisher = EndpointPublisher(endpoint, self.disk)
+        self.publisher: Any
+        if server == "safactory":
+            self.publisher = EndpointPublisher(endpoint, self.disk)
+        else:
+            lora = is_adapter_model(self.model)
+            self.publisher = publisher_for(
+                f"{server}:{endpoint.base_url}", self.disk, model_name=endpoint.model, lora=lora, api_key=api_key
+            )
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
         self.keep = keep
 
@@ -55,7 +69,10 @@ class ServedPolicy:
         """Write the weights as the next version (default: current + 1) and have the server load them."""
         target = self.version + 1 if version is None else version
         load_version_state(self.model, state_dict)
-        await self.publisher.publish(self.model, target)
+        merge = is_adapter_model(self.model) and isinstance(self.publisher, EndpointPublisher)
+        await self.publisher.publish(merge_lora(copy.deepcopy(self.model)) if merge else self.model, target)
+        if hasattr(self.publisher, "served_model"):  # vLLM / SGLang: a LoRA version is a model name of its own
+            self.endpoint.model = self.publisher.served_model(target)
         self.endpoint.version = target
         for old in sorted(self.disk.root.glob("v*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
