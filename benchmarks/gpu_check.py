@@ -3,6 +3,8 @@
 Skips cleanly (exit 0) without CUDA. Run: `python benchmarks/gpu_check.py`.
 The large model has SmolLM2-135M's transformer shape (30 layers, 576 wide, 9 query /
 3 key-value heads) with the character vocabulary, random init (no hub access needed).
+Then a short closed loop on an HF chat model with LoRA in bf16 (`benchmarks/hf_loop.py`: a
+Qwen3-shaped model on Qwen3's tokenizer, with generation and training tokens/s).
 The last line is `ratio=<trainer tokens/s / bare torch loop tokens/s>` on the GPU.
 """
 
@@ -112,6 +114,17 @@ def main() -> None:
 
     v0, v1 = asyncio.run(swap())
     print(f"hot swap on {device}: completions before v{v0}, after v{v1}")
+    try:  # an HF chat model in the closed loop: Qwen3-shaped, Qwen3's tokenizer, bf16, LoRA
+        from hf_loop import main as hf_loop
+
+        figures = hf_loop(device)
+        generation, training = figures["generation_tokens_per_s"], figures["training_tokens_per_s"]
+        print(
+            f"HF loop (Qwen3-shaped, bf16, LoRA): {figures['loop_s']:.0f} s; generation "
+            f"{generation:,.0f} tokens/s, training {training:,.0f} tokens/s"
+        )
+    except Exception as exc:  # the checks above stand on their own
+        print(f"HF loop check failed: {exc!r}")
     print(f"ratio={ours / bare:.3f}")
 
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from safactory.jobs.rollout import rollout_command
+from safactory.policy.specs import DEVICE_HELP, DTYPE_HELP
 
 if TYPE_CHECKING:
     from safactory.data.store import TrajectoryStore
@@ -43,6 +44,19 @@ def _open_store(db: str, *, existing: bool = True, redact: bool = False) -> Traj
     return TrajectoryStore(store_url(db, existing=existing), redactor=Redactor() if redact else None)
 
 
+def _check_placement(device: str | None, dtype: str | None) -> None:
+    """A usage error for a `--device` or `--dtype` that cannot work (None: not given)."""
+    from safactory.policy.specs import check_device, check_dtype
+
+    for value, check, option in ((dtype, check_dtype, "--dtype"), (device, check_device, "--device")):
+        if value is None:
+            continue
+        try:
+            check(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=option) from exc
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="YAML run file, e.g. examples/demo.yaml")] = None,
@@ -51,11 +65,23 @@ def run(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the run in this directory after a crash or kill")
     ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help=f"{DEVICE_HELP} (sets model.device, over any --set)")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help=f"{DTYPE_HELP} (sets model.dtype, over any --set)")
+    ] = None,
 ) -> None:
     """Run the closed loop: warm start, safety-aware RL, gate, redeploy, distil; results land in OUT."""
     from safactory.config import load_config
     from safactory.factory.loop import Factory
 
+    if resume is not None and config is None and (device is not None or dtype is not None):
+        raise typer.BadParameter("--device and --dtype cannot change the config of a run being resumed")
+    _check_placement(device, dtype)
+    overrides = list(set_ or [])
+    overrides += [f"model.device={device}"] if device is not None else []
+    overrides += [f"model.dtype={dtype}"] if dtype is not None else []
     if resume is not None:
         saved = resume / "config.yaml"
         if not saved.exists():
@@ -64,7 +90,7 @@ def run(
                 f"`safactory run CONFIG --out {resume}`"
             )
         cfg = load_config(saved)
-        if config is not None and load_config(config, set_ or []).hash() != cfg.hash():
+        if config is not None and load_config(config, overrides).hash() != cfg.hash():
             raise typer.BadParameter(f"{config} (with the overrides) differs from the config of the run in {resume}")
         if set_ and config is None:
             raise typer.BadParameter("--set cannot change the config of a run being resumed")
@@ -77,7 +103,7 @@ def run(
             f"{out} already holds a run: continue it with --resume {out}, or choose another --out", param_hint="--out"
         )
     try:
-        cfg = load_config(config, set_ or [])
+        cfg = load_config(config, overrides)
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from exc
     Factory(cfg, out).run()
@@ -118,11 +144,23 @@ app.command("rollout", help="Run episodes of one env with one policy and store t
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Option("--out", help="Job directory (checkpoints, train.json)")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Job directory: train.json and checkpoints/ (the last one, checkpoints/latest, is the final model; "
+            "with --lora-r it holds the adapter only, which also lands in OUT/adapter, and --merge writes the merged "
+            "full model to OUT/model; a tiny LoRA base is kept in OUT/base)",
+        ),
+    ],
     db: Annotated[str | None, typer.Option("--db", help="Store URL or run dir holding the data")] = None,
     mode: Annotated[str, typer.Option(help="sft | rl | opd")] = "sft",
-    model: Annotated[str, typer.Option(help="'tiny' or a saved model directory")] = "tiny",
-    teacher: Annotated[str | None, typer.Option(help="Teacher model directory (opd)")] = None,
+    model: Annotated[
+        str, typer.Option(help="tiny | smollm2 | a model directory (a saved tiny model or any HF chat model)")
+    ] = "tiny",
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher (opd): smollm2 or a model directory sharing the student's tokenizer")
+    ] = None,
     run: Annotated[str | None, typer.Option(help="Only data of this run id")] = None,
     kind: Annotated[
         str | None, typer.Option(help="Trajectory kind (default: expert for sft, rollout otherwise)")
@@ -132,20 +170,37 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every this many steps")] = 10,
     seed: Annotated[int, typer.Option(help="Seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
+    lora_r: Annotated[
+        int, typer.Option("--lora-r", min=0, help="Rank of a LoRA adapter to train instead of all weights (0: none)")
+    ] = 0,
+    lora_alpha: Annotated[
+        int | None, typer.Option("--lora-alpha", min=1, help="LoRA scaling numerator (default: 2 x --lora-r)")
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="With --lora-r: at the end also write the merged full model to OUT/model")
+    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the job in --out from its last checkpoint")
     ] = False,
 ) -> None:
     """Train on data already in a store (SFT, RL, on-policy distillation); resumable after a crash."""
-    from safactory.jobs.train import OfflineTrainer, TrainJob
+    from safactory.jobs.train import OfflineTrainer, TrainJob, model_spec
 
     if resume:
         job = OfflineTrainer.resume(out)
     else:
         if db is None:
             raise typer.BadParameter("--db is required (unless --resume)")
+        _check_placement(device, dtype)
         if mode not in ("sft", "rl", "opd"):
             raise typer.BadParameter("--mode must be sft, rl or opd")
+        try:
+            model = model_spec(model)
+            teacher = model_spec(teacher, "--teacher") if teacher is not None else None
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
         url = _open_store(db).url
         spec = TrainJob(
             db=url,
@@ -160,10 +215,20 @@ def train(
             lr=lr,
             checkpoint_every=checkpoint_every,
             seed=seed,
+            device=device,
+            dtype=dtype,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            merge=merge,
         )
+        try:
+            spec.check()
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
         job = OfflineTrainer(spec)
     result = job.run()
-    Console().print(f"done: step {result.get('step')} checkpoint {result['checkpoint']}")
+    written = "".join(f" {name} {result[name]}" for name in ("adapter", "model") if name in result)
+    Console().print(f"done: step {result.get('step')} checkpoint {result['checkpoint']}{written}")
 
 
 @app.command("serve-env")
@@ -206,6 +271,8 @@ def serve_policy(
             envvar="SAFACTORY_POLICY_TOKEN",
         ),
     ] = None,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/load_weights)."""
     from safactory.policy.server import check_bind
@@ -215,7 +282,8 @@ def serve_policy(
         check_bind(host, token)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--token" if token and not token.strip() else "--host") from exc
-    run_server(model, host, port, token)
+    _check_placement(device, dtype)
+    run_server(model, host, port, token, device=device, dtype=dtype)
 
 
 @data_app.command("verify")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,9 +144,16 @@ def test_tiny_spec_and_saved_directory_reload(tmp_path):
         assert torch.allclose(pm.model(input_ids=ids).logits, again.model(input_ids=ids).logits, atol=1e-6)
 
 
-def test_unknown_specs_are_refused_without_downloading(tmp_path):
-    with pytest.raises(ValueError, match="unknown model"):
-        load_policy_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+def test_unknown_specs_are_refused(tmp_path):
+    # a hub id goes to the hub; offline (set before transformers is imported) and not cached, a clear error
+    code = (
+        "from safactory.policy.models import load_policy_model\n"
+        "try:\n    load_policy_model('nobody-here/no-such-model')\n"
+        "except ValueError as exc:\n    print(exc)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "nor loadable from the hub" in done.stdout, done.stderr[-2000:]
     with pytest.raises(ValueError, match="unknown model"):
         load_policy_model(str(tmp_path / "missing"))
 

@@ -5,7 +5,8 @@ task source, groups of G episodes through `RolloutRunner`, every trajectory stor
 through `StoreWriter` in a run created first), the progress bar and the summary
 table, and the CLI entry point `rollout_command` (typer-compatible; `cli.py`
 registers it as `rollout`). The policy comes from its spec (`safactory.policy.specs`:
-`random`, `scripted`, a model directory or `openai:<base_url>#<model>`).
+`random`, `scripted`, `smollm2`, a model directory or `openai:<base_url>#<model>`); a model
+runs in-process on `--device` with weights in `--dtype`.
 
 N episodes in groups of G take ceil(N / G) tasks of the split (the last group is
 smaller when G does not divide N); a task source with fewer tasks (a small MCP task
@@ -40,7 +41,7 @@ from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.writer import StoreWriter
 from safactory.policy.base import Policy, SamplingParams
-from safactory.policy.specs import make_policy
+from safactory.policy.specs import DEVICE_HELP, DTYPE_HELP, check_dtype, make_policy
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.env import EnvEntry, EnvRegistry
 from safactory.sim.registry import default_registry
@@ -70,8 +71,11 @@ class RolloutJob:
     max_tokens: int = 64
     max_total_tokens: int | None = None  # None: max_tokens on every turn the turn limit allows
     redact: bool = True  # secrets and personal data redacted before storing (False: raw, recorded in provenance)
+    device: str = "cpu"  # where an in-process model policy runs (cpu, cuda, cuda:N, auto)
+    dtype: str = "auto"  # its weights dtype (auto: bfloat16 on CUDA, float32 on the CPU)
 
     def __post_init__(self) -> None:
+        check_dtype(self.dtype)
         for name in ("episodes", "concurrency", "group_size", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
@@ -185,7 +189,7 @@ async def rollout(
     summary.tasks = len(tasks)
     if len(tasks) < len(plan):  # a small task file: go round it again rather than run fewer episodes
         tasks = [tasks[i % len(tasks)] for i in range(len(plan))]
-    policy = make_policy(config.policy, entry, config.seed)
+    policy = make_policy(config.policy, entry, config.seed, device=config.device, dtype=config.dtype)
     limits = limits if limits is not None else _limits(config, entry)
     run_id = f"rollout-{uuid7()}"
     settings = asdict(config)
@@ -318,7 +322,10 @@ def rollout_command(
         ),
     ],
     policy: Annotated[
-        str, typer.Option("--policy", help="random | scripted | a saved model directory | openai:<base_url>#<model>")
+        str,
+        typer.Option(
+            "--policy", help="random | scripted | smollm2 | a saved model directory | openai:<base_url>#<model>"
+        ),
     ],
     db: Annotated[
         str, typer.Option("--db", help="Store URL (sqlite:///path/store.db, postgresql+psycopg://...) or a run dir")
@@ -341,6 +348,8 @@ def rollout_command(
         bool,
         typer.Option("--raw", help="Store secrets and personal data as they are (default: redacted; recorded)"),
     ] = False,
+    device: Annotated[str, typer.Option("--device", help=f"{DEVICE_HELP}; model policies only")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Run episodes of one environment against one policy, store every trajectory and print a summary."""
     try:
@@ -358,6 +367,8 @@ def rollout_command(
             max_tokens=max_tokens,
             max_total_tokens=max_total_tokens,
             redact=not raw,
+            device=device,
+            dtype=dtype,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

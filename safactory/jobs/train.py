@@ -7,13 +7,22 @@ the checkpoint before it as parent. After a crash (even kill -9), `resume` loads
 checkpoint (none yet: the initial weights) and releases the consumption of later steps,
 whose updates were lost with the process; so the final model has seen every eligible
 trajectory exactly once.
+
+The model is `tiny`, `smollm2` or a model directory (a saved tiny model or any HF chat
+model), rendered with its own chat format, on `device` in `dtype`. With `lora_r > 0` only a
+LoRA adapter trains: checkpoints hold the adapter alone, and at the end the adapter is
+written to OUT/adapter (its base recorded as the model spec; for `tiny`, the initial
+weights saved in OUT/base) and, with `merge`, the adapter folded into its base as a
+standard HF directory OUT/model. A full fine-tune's final model is its last checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +36,9 @@ from safactory.evolve.experience import TrainSequence, group_batch, rl_sequences
 from safactory.evolve.resume import resume_trainer
 from safactory.evolve.teacher import LocalTeacher, distill
 from safactory.evolve.trainer import Trainer
-from safactory.policy.chat import PlainTextChat
-from safactory.policy.models import TinyModelSpec, build_tiny, load_model
+from safactory.policy.models import add_lora, load_policy_model, merge_lora, save_adapter, save_model
+from safactory.policy.specs import check_device, check_dtype, placement
+from safactory.policy.weights import is_adapter_model
 from safactory.types import Trajectory, uuid7
 
 Mode = Literal["sft", "rl", "opd"]
@@ -54,9 +64,40 @@ class TrainJob:
     checkpoint_every: int = 10
     seed: int = 0
     consumer: str = field(default_factory=lambda: f"train-{uuid7()}")
+    # fields added later keep defaults, so that an older train.json still resumes
+    device: str = "cpu"
+    dtype: str = "auto"
+    lora_r: int = 0  # 0: full fine-tuning
+    lora_alpha: int | None = None  # None: 2 * lora_r
+    merge: bool = False  # a LoRA job also writes its adapter merged into the base (OUT/model)
 
     def default_kind(self) -> str:
         return self.kind or ("expert" if self.mode == "sft" else "rollout")
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option that cannot work."""
+        check_dtype(self.dtype)
+        check_device(self.device)
+        if self.lora_r < 0:
+            raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), not {self.lora_r}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha must be > 0, not {self.lora_alpha}")
+        if self.merge and not self.lora_r:
+            raise ValueError(
+                "--merge folds a LoRA adapter into its base and needs --lora-r > 0 "
+                "(a full fine-tune's last checkpoint is already a whole model)"
+            )
+
+
+def model_spec(spec: str, option: str = "--model") -> str:
+    """A model spec as a job keeps it: `tiny` / `smollm2` as they are, a directory as an absolute path
+    (so that a resume from elsewhere, or an adapter's recorded base, still finds it)."""
+    if spec in ("tiny", "smollm2"):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{option} {spec!r}: expected tiny, smollm2 or a model directory")
+    return str(path.resolve())
 
 
 class OfflineTrainer:
@@ -75,18 +116,29 @@ class OfflineTrainer:
 
     def _setup(self) -> None:
         job = self.job
+        job.check()
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / f".{JOB_FILE}.tmp"  # written whole or not at all: a kill never leaves half a job file
         tmp.write_text(json.dumps(asdict(job), indent=2))
         os.replace(tmp, self.out / JOB_FILE)
         torch.manual_seed(job.seed)
-        if job.model == "tiny":
-            model, tokenizer = build_tiny(TinyModelSpec(), job.seed)
-        else:
-            model, tokenizer = load_model(job.model)
-        self.tokenizer = tokenizer
-        self.chat = PlainTextChat(tokenizer)
-        self.trainer = Trainer(model, lr=job.lr, pad_id=tokenizer.pad_id)
+        device, dtype = placement(job.device, job.dtype)
+        start = load_policy_model(job.model, seed=job.seed, dtype=dtype)
+        self.chat = start.chat
+        self.tokenizer = start.chat.tokenizer
+        model = start.model
+        self.base = job.model
+        if job.lora_r:
+            if job.model == "tiny":  # a random init: keep it, so that the adapter's base can be loaded again
+                self.base = str((self.out / "base").resolve())
+                if not (self.out / "base" / "config.json").is_file():
+                    _write_dir(self.out / "base", lambda d: save_model(model, self.tokenizer, d))
+            alpha = job.lora_alpha if job.lora_alpha is not None else 2 * job.lora_r
+            model = add_lora(model, r=job.lora_r, alpha=alpha)
+            for config in model.peft_config.values():  # checkpoints are adapters of this base
+                config.base_model_name_or_path = self.base
+        model = model.to(device)
+        self.trainer = Trainer(model, lr=job.lr, pad_id=self.tokenizer.pad_id)
         self.version = 0
         self.saved: tuple[int, Path] | None = None  # the version of the latest checkpoint, and where it is
         resumed = resume_trainer(self.ckpt_root, self.trainer, self.store, job.consumer)
@@ -105,8 +157,10 @@ class OfflineTrainer:
         if job.mode == "opd":
             if not job.teacher:
                 raise ValueError("on-policy distillation needs --teacher (a saved model directory)")
-            teacher_model, teacher_tok = load_model(job.teacher)
-            self.teacher = LocalTeacher(teacher_model, teacher_tok, tokenizer, pad_id=tokenizer.pad_id)
+            teacher = load_policy_model(job.teacher, seed=job.seed, dtype=dtype)
+            self.teacher = LocalTeacher(
+                teacher.model.to(device), teacher.chat.tokenizer, self.tokenizer, pad_id=self.tokenizer.pad_id
+            )
 
     def _next_batch(self) -> list[Trajectory]:
         job = self.job
@@ -167,7 +221,24 @@ class OfflineTrainer:
                 self._checkpoint()
         path = self._checkpoint()
         self.store.close()
-        return {"checkpoint": str(path), "consumer": job.consumer, "step": self.trainer.step, **last}
+        written = self._write_final()
+        return {"checkpoint": str(path), "consumer": job.consumer, "step": self.trainer.step, **written, **last}
+
+    def _write_final(self) -> dict[str, str]:
+        """A LoRA job's final model: the adapter in OUT/adapter and, with `merge`, the merged model in
+        OUT/model (each replaced whole: a resumed, finished job writes the same again)."""
+        model = self.trainer.model
+        if not is_adapter_model(model):
+            return {}
+        written = {"adapter": str(self.out / "adapter")}
+        _write_dir(self.out / "adapter", lambda d: save_adapter(model, d, base=self.base))
+        if self.job.merge:
+            merged = merge_lora(copy.deepcopy(model))
+            _write_dir(self.out / "model", lambda d: save_model(merged, self.tokenizer, d))
+            written["model"] = str(self.out / "model")
+        for name, where in written.items():
+            self.log(f"{name}: {where}")
+        return written
 
     def _no_data(self) -> str:
         job = self.job
@@ -207,3 +278,12 @@ class OfflineTrainer:
             parent_version=parent,
             path=str(path),
         )
+
+
+def _write_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a directory next to `target`, then put it in place of `target` (a kill leaves the old one or none)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)

@@ -16,13 +16,16 @@
   directory (`adapter_config.json`, needs `peft`) whose `base_model_name_or_path` is
   itself a spec; the adapter is merged into the base unless asked not to.
 
-Nothing is ever downloaded: hub ids are refused, and HF loading is local-files-only.
+A hub id (`org/name`) goes through transformers' own cache and download, so it works where a
+hub is reachable (or the model is cached); elsewhere it fails with a clear error. Local
+directories load with local files only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +161,26 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> PolicyModel:
     return PolicyModel(model, TemplateChat(tokenizer, _generation_eos_ids(model)), "smollm2")
 
 
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype | None) -> PolicyModel:
+    """A model by hub id, through transformers' own cache and download (offline: the cache only)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo_id)
+        kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+        model = AutoModelForCausalLM.from_pretrained(repo_id, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"model {repo_id!r} is neither a local directory nor loadable from the hub here ({exc}); "
+            "download it where a hub is reachable and give its directory"
+        ) from exc
+    if not has_chat_template(tokenizer):
+        raise ValueError(f"{repo_id}: the tokenizer has no chat template")
+    model.eval()
+    return PolicyModel(model, TemplateChat(tokenizer, _generation_eos_ids(model)), repo_id)
+
+
 def _load_directory(directory: Path, dtype: torch.dtype | None) -> PolicyModel:
     if is_tiny_directory(directory):
         model, tiny_tokenizer = load_model(directory)
@@ -189,7 +212,9 @@ def load_policy_model(
         return load_smollm2(dtype or torch.float32)
     directory = Path(spec).expanduser()
     if not directory.is_dir():
-        raise ValueError(f"unknown model {spec!r}: expected 'tiny', 'smollm2' or a local model directory")
+        if _HUB_ID.fullmatch(spec) and not spec.startswith((".", "/", "~")):
+            return _load_hub(spec, dtype)
+        raise ValueError(f"unknown model {spec!r}: expected 'tiny', 'smollm2', a local model directory or a hub id")
     if (directory / ADAPTER_CONFIG).is_file():
         return load_adapter(directory, dtype=dtype, merge=merge_adapter)
     return _load_directory(directory, dtype)

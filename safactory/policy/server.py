@@ -65,6 +65,7 @@ from safactory.policy.models import load_policy_model
 from safactory.policy.openai_service import PolicyService
 from safactory.policy.openai_wire import APIError, error_kind, error_response
 from safactory.policy.recorder import ProxyRecorder
+from safactory.policy.specs import placement
 from safactory.request_limits import MAX_BODY_BYTES, RequestLimits
 
 
@@ -166,6 +167,14 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
+def load_served_policy(model_dir: str | Path, *, device: str = "cpu", dtype: str = "auto") -> LocalPolicy:
+    """The policy `serve-policy` serves: the model (`tiny`, `smollm2` or a saved directory) loaded in `dtype`
+    and moved to `device` (see `safactory.policy.specs.placement`; a bad name is a ValueError)."""
+    where, torch_dtype = placement(device, dtype)
+    loaded = load_policy_model(str(model_dir), dtype=torch_dtype)
+    return LocalPolicy(loaded.model.to(where), loaded.chat)
+
+
 def serve_policy(
     model_dir: str | Path,
     host: str = "127.0.0.1",
@@ -173,13 +182,12 @@ def serve_policy(
     token: str | None = None,
     *,
     model_name: str | None = None,
-    device: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> None:
     """Load a model (`tiny`, `smollm2` or a saved directory), wrap it in a LocalPolicy and serve it."""
     check_bind(host, token)
-    loaded = load_policy_model(str(model_dir))
-    model = loaded.model.to(device) if device is not None else loaded.model
-    policy = LocalPolicy(model, loaded.chat)
+    policy = load_served_policy(model_dir, device=device, dtype=dtype)
     app: Any = create_policy_app(policy, model_name=model_name or Path(model_dir).resolve().name, token=token)
     if not token:  # loopback only: refuse requests that a web page made through DNS rebinding
         app = LoopbackHostGuard(app)
@@ -236,5 +244,6 @@ __all__ = [
     "check_bind",
     "create_policy_app",
     "create_proxy_app",
+    "load_served_policy",
     "serve_policy",
 ]
