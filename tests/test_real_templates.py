@@ -197,3 +197,30 @@ def test_prefix_breaks_are_counted_per_trajectory(qwen3):
     second.prompt_ids = second.prompt_ids[1:]
     batch = group_batch([trajs], drop_equal=False)
     assert batch.prefix_breaks == 1
+
+
+def test_a_declared_response_format_parses_the_calls(qwen3):
+    """A tokenizer that declares its reply format (transformers' `response_template`) is parsed by it."""
+    tokenizer = qwen3_tokenizer()
+    tokenizer.response_template = {
+        "start_anchor": "<|im_start|>assistant\n",
+        "fields": {
+            "content": {"content": "text"},
+            "tool_calls": {
+                "open": "<tool_call>",
+                "close": "</tool_call>",
+                "content": "json",
+                "repeats": True,
+                "transform": {"type": "function", "function": "{content}"},
+            },
+        },
+    }
+    chat = TemplateChat(tokenizer)
+    call = '<tool_call>\n{"name": "calc", "arguments": {"expression": "3+4"}}\n</tool_call>'
+    calls, error = chat.parse(f"Let me compute.\n{call}", [CALC])
+    assert error is None and [(c.name, c.arguments) for c in calls] == [("calc", {"expression": "3+4"})]
+    calls, error = chat.parse('<tool_call>{"name": broken</tool_call>', [CALC])
+    assert calls == [] and "response format" in error
+    assert chat.parse("Just an answer.", [CALC]) == ([], None)
+    # without the declaration the same text goes through the JSON parser (a sentence then no calls)
+    assert TemplateChat(qwen3).parse("calc(3+4) then", [CALC]) == ([], None)

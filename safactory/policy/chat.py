@@ -19,8 +19,9 @@ plain argument goes to the tool's first (required) parameter. Rendering, as toke
 SmolLM2). The template renders the conversation. Tools are rendered by the template
 when it uses a `tools` variable; otherwise a system message lists their JSON schemas
 and asks for `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. Tool calls
-are parsed from `<tool_call>{json}</tool_call>` blocks (SmolLM2 / Qwen style), from
-a bare JSON object `{"name": ..., "arguments": ...}` (or a list of them), and
+are parsed by the tokenizer's own declared response format where it has one (transformers'
+`response_template`, through `parse_response`); otherwise from `<tool_call>{json}</tool_call>`
+blocks (SmolLM2 / Qwen style), from a bare JSON object `{"name": ..., "arguments": ...}` (or a list of them), and
 otherwise from the plain-text protocol restricted to the offered tools; text that is
 none of these is a plain reply (no calls, no error). An assistant turn whose text is
 its calls in the plain-text protocol (a scripted expert's demonstration) is shown to the
@@ -208,10 +209,10 @@ class PlainTextChat:
 # ---- JSON tool calls (SmolLM2 / Qwen style) --------------------------------------------------
 def _call_from_json(obj: Any, index: int) -> ToolCall | None:
     """A ToolCall from `{"name": ..., "arguments": {...}}` (or "parameters"), else None."""
+    if isinstance(obj, dict) and isinstance(obj.get("function"), dict):  # OpenAI-shaped {"function": {...}}
+        return _call_from_json(obj["function"], index)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
-    if isinstance(obj.get("function"), dict):  # OpenAI-shaped {"type": "function", "function": {...}}
-        return _call_from_json(obj["function"], index)
     arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
         arguments, error = load_json(arguments) if arguments.strip() else ({}, None)
@@ -517,8 +518,20 @@ class TemplateChat:
         return ids, mask
 
     # ---- parsing ---------------------------------------------------------------------------
+    def _parse_declared(self, text: str) -> tuple[list[ToolCall], str | None]:
+        """Parse with `tokenizer.parse_response` (transformers' response templates); a reply that does
+        not follow the format is a parse error (an error observation), never an exception."""
+        try:
+            message = self.hf.parse_response(text, prefix="")
+        except Exception as exc:
+            return [], f"reply does not follow the model's response format: {str(exc)[:200]}"
+        return _declared_calls(message)
+
     def parse(self, text: str, tools: list[ToolSpec]) -> tuple[list[ToolCall], str | None]:
-        """Tool calls in JSON (`<tool_call>` blocks or a bare object), else plain-text calls of offered tools."""
+        """Tool calls by the tokenizer's declared response format where it has one (`response_template`),
+        else in JSON (`<tool_call>` blocks or a bare object), else plain-text calls of offered tools."""
+        if getattr(self.hf, "response_template", None) is not None:
+            return self._parse_declared(text)
         found = parse_json_tool_calls(text)
         if found is not None:
             return found
@@ -536,6 +549,18 @@ def _plain_protocol(message: Message, tools: list[ToolSpec]) -> bool:
     calls, error = parse_tool_calls(message.content, tools)
     wanted = [(c.name, c.arguments) for c in message.tool_calls]
     return error is None and [(c.name, c.arguments) for c in calls] == wanted
+
+
+def _declared_calls(message: Any) -> tuple[list[ToolCall], str | None]:
+    """The `tool_calls` of a message parsed by a tokenizer's response format, as ToolCalls."""
+    raw = message.get("tool_calls") if isinstance(message, dict) else None
+    calls: list[ToolCall] = []
+    for item in raw or []:
+        call = _call_from_json(item, len(calls))
+        if call is None:
+            return [], f"a tool call needs a name and JSON-object arguments: {str(item)[:60]!r}"
+        calls.append(call)
+    return calls, None
 
 
 class _NotPrefixStable(Exception):
