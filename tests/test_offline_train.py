@@ -44,10 +44,25 @@ def demo_store(tmp_path, arith_tasks):
     return url
 
 
-def test_resume_after_kill_9_neither_repeats_nor_skips(demo_store, tmp_path):
+@pytest.fixture(scope="module")
+def hf_chat_dir(tmp_path_factory):
+    """A random-init tiny Llama saved with SmolLM2's real tokenizer and chat template."""
+    from tests.real_tokenizers import random_llama, smollm2_tokenizer
+
+    directory = tmp_path_factory.mktemp("hf-chat")
+    tokenizer = smollm2_tokenizer()
+    random_llama(tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("model", ["tiny", "hf-lora"])
+def test_resume_after_kill_9_neither_repeats_nor_skips(model, demo_store, tmp_path, request):
     out = tmp_path / "job"
     args = ["train", "--db", demo_store, "--out", str(out), "--mode", "sft", "--steps", "50"]
     args += ["--batch-size", "4", "--checkpoint-every", "2"]
+    if model == "hf-lora":  # an HF chat model with its own template, training a LoRA adapter
+        args += ["--model", str(request.getfixturevalue("hf_chat_dir")), "--lora-r", "4"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(CLI + args, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     while True:
@@ -59,6 +74,8 @@ def test_resume_after_kill_9_neither_repeats_nor_skips(demo_store, tmp_path):
     proc.wait()
     proc.stdout.close()
     assert read_meta(latest_checkpoint(out / "checkpoints")).train_step == 4
+    if model == "hf-lora":  # the checkpoint is the adapter alone
+        assert (latest_checkpoint(out / "checkpoints") / "adapter_model.safetensors").is_file()
 
     done = subprocess.run(
         CLI + ["train", "--out", str(out), "--resume"], cwd=ROOT, capture_output=True, text=True, env=env
