@@ -57,6 +57,7 @@ def qwen3_dir(tmp_path_factory):
     return directory
 
 
+@pytest.mark.timeout(900)  # ~40 s alone; a 150k vocabulary makes it the slowest of its kind on busy cores
 def test_the_loop_trains_a_lora_adapter_on_an_hf_chat_model(qwen3_dir, tmp_path):
     out = tmp_path / "run"
     config = load_config("examples/arith.yaml", [*HF_RUN, f"model.path={qwen3_dir}", "rl.steps=2"])
@@ -82,6 +83,7 @@ def test_the_loop_trains_a_lora_adapter_on_an_hf_chat_model(qwen3_dir, tmp_path)
     store.close()
 
 
+@pytest.mark.timeout(900)
 def test_kill_9_then_resume_with_an_hf_lora_model(qwen3_dir, tmp_path):
     steps, kill_after = 8, 3
     out = tmp_path / "run"

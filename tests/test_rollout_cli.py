@@ -480,3 +480,19 @@ def test_a_rollout_in_which_every_episode_failed_exits_non_zero(tmp_path: Path) 
     store, trajs = stored(tmp_path / "s.db")  # still stored, with their reasons
     assert len(trajs) == 2 and all(t.termination == "policy_error" for t in trajs)
     store.close()
+
+
+def test_rollout_summary_shows_the_unsafe_rate_where_the_env_labels_actions(tmp_path: Path) -> None:
+    from safactory.jobs.rollout import RolloutJob, RolloutSummary, rollout
+
+    summary = asyncio.run(
+        rollout(RolloutJob(env="ops", policy="random", db=str(tmp_path / "ops.db"), episodes=12, seed=3))
+    )
+    assert summary.labelled == 12 and summary.unsafe_rate is not None
+    store, trajs = stored(tmp_path / "ops.db")
+    assert summary.unsafe == sum(any(s.info.get("unsafe_actions") for s in t.steps) for t in trajs)
+    code, output = invoke("--env", "ops", "--policy", "scripted", "--episodes", "4", "--db", str(tmp_path / "o2.db"))
+    assert code == 0 and "unsafe-action rate" in output and "0.000 (0 of 4)" in output
+    code, output = invoke("--env", "arith", "--policy", "scripted", "--episodes", "2", "--db", str(tmp_path / "a.db"))
+    assert code == 0 and "unsafe-action rate" not in output  # arith labels nothing
+    assert RolloutSummary().unsafe_rate is None

@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from safactory.data.judges import unsafe_by_env
 from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.writer import StoreWriter
@@ -102,6 +103,8 @@ class RolloutSummary:
     steps: int = 0
     action_errors: int = 0
     retried: int = 0
+    labelled: int = 0  # episodes of an env that labels actions (safe or not): the unsafe rate's denominator
+    unsafe: int = 0  # episodes the env labelled unsafe
     terminations: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
@@ -115,6 +118,9 @@ class RolloutSummary:
         self.action_errors += sum(1 for s in traj.steps if s.error or s.info.get("errors"))
         self.retried += int(traj.tags.get("attempts", 1)) > 1
         self.terminations[traj.termination] += 1
+        if any("unsafe_actions" in s.info or "unsafe" in s.info for s in traj.steps):
+            self.labelled += 1
+            self.unsafe += unsafe_by_env(traj)
         if traj.error:
             self.errors[error_kind(traj.error)] += 1
 
@@ -126,6 +132,11 @@ class RolloutSummary:
     @property
     def success_rate(self) -> float:
         return self.successes / self.episodes if self.episodes else 0.0
+
+    @property
+    def unsafe_rate(self) -> float | None:
+        """Unsafe episodes among those whose env labels actions; None when it labels none."""
+        return self.unsafe / self.labelled if self.labelled else None
 
     @property
     def mean_reward(self) -> float:
@@ -301,6 +312,8 @@ def summary_table(summary: RolloutSummary) -> Table:
     table.add_row("stored", str(summary.stored))
     table.add_row("success rate", f"{summary.success_rate:.3f}")
     table.add_row("mean reward", f"{summary.mean_reward:.3f}")
+    if summary.unsafe_rate is not None:
+        table.add_row("unsafe-action rate", f"{summary.unsafe_rate:.3f} ({summary.unsafe} of {summary.labelled})")
     table.add_row("steps", str(summary.steps))
     table.add_row("steps with action errors", str(summary.action_errors))
     table.add_row("episodes retried at start", str(summary.retried))

@@ -1,0 +1,197 @@
+"""`safactory eval`: one policy on a suite of environments, K attempts per task, metrics with intervals.
+
+A suite is a named list of entries (env, task split, number of tasks, epochs, task options
+such as an attack). Built in: `core` (held-out `arith` and `maze`) and `safety` (held-out
+`ops`, with its injections and harmful requests); any YAML file holding such a list is a
+suite too (`suite: NAME` and `entries: [{env, split, tasks, epochs, options}]`).
+
+Every episode runs through the same runner as the loop and is stored (redacted unless
+`raw`) as kind `eval`, tagged with the suite and the policy, in a run of its own. The
+safety judge (env labels, tool annotations) says which episodes are unsafe. Metrics
+(`safactory.data.scores`) are written per env and overall (every episode pooled) to
+`OUT/eval.json`, with each task's attempts (for `safactory eval compare`), and shown in
+`OUT/report.html`. With one epoch the policy is greedy; with K > 1 it samples at
+`temperature` and pass@k / pass^k use those K attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safactory.data.judges import RuleSafetyJudge
+from safactory.data.redact import Redactor
+from safactory.data.scores import score, task_outcomes
+from safactory.data.store import TrajectoryStore, store_url
+from safactory.jobs.rollout import _close_policy, _code_version
+from safactory.policy.base import Policy, SamplingParams
+from safactory.policy.specs import make_policy
+from safactory.provenance import weights_hash
+from safactory.sim.agent import EpisodeLimits
+from safactory.sim.registry import default_registry
+from safactory.sim.runner import RolloutRunner
+from safactory.types import Trajectory, uuid7
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One part of a suite: `tasks` tasks of `env`'s `split`, each tried `epochs` times."""
+
+    env: str
+    split: str = "test"
+    tasks: int = 100
+    epochs: int | None = None  # None: the eval's --epochs
+    options: dict[str, Any] = field(default_factory=dict)  # the env's task options (an attack, kinds, ...)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    entries: tuple[SuiteEntry, ...]
+
+
+BUILTIN_SUITES = {
+    "core": Suite("core", (SuiteEntry("arith"), SuiteEntry("maze"))),
+    "safety": Suite("safety", (SuiteEntry("ops"),)),
+}
+
+
+def load_suite(spec: str) -> Suite:
+    """A built-in suite by name, or a YAML file describing one."""
+    if spec in BUILTIN_SUITES:
+        return BUILTIN_SUITES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"unknown suite {spec!r}: use {', '.join(sorted(BUILTIN_SUITES))} or a suite YAML file")
+    data = yaml.safe_load(path.read_text()) or {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: a suite file needs `entries:`, a list of {{env, split, tasks, epochs, options}}")
+    try:
+        parsed = tuple(SuiteEntry(**e) for e in entries)
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return Suite(str(data.get("suite", path.stem)), parsed)
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    policy: str
+    suite: str
+    out: str
+    db: str | None = None  # default: OUT/store.db
+    epochs: int = 1
+    temperature: float = 0.7  # with epochs > 1 (one epoch is greedy)
+    max_tokens: int = 64
+    concurrency: int = 64
+    seed: int = 0
+    redact: bool = True
+    device: str = "cpu"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, not {self.epochs}")
+
+
+def policy_weights_hash(policy: Policy) -> str:
+    model = getattr(policy, "model", None)
+    return weights_hash(model.state_dict()) if model is not None and hasattr(model, "state_dict") else ""
+
+
+async def run_eval(job: EvalJob) -> dict[str, Any]:
+    """Run the suite, store every episode, write OUT/eval.json and OUT/report.html; returns eval.json's data."""
+    suite = load_suite(job.suite)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    registry = default_registry()
+    store = TrajectoryStore(
+        store_url(job.db or str(out / "store.db"), existing=False), redactor=Redactor() if job.redact else None
+    )
+    run_id = f"eval-{uuid7()}"
+    judge = RuleSafetyJudge()
+    policies: dict[str, Policy] = {}
+    per_env: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, dict[str, list[bool]]] = {}
+    everything: list[Trajectory] = []
+    unsafe_ids: set[str] = set()
+
+    def is_unsafe(traj: Trajectory) -> bool:
+        return traj.id in unsafe_ids
+
+    try:
+        store.create_run(
+            run_id,
+            {"command": "eval", **asdict(job), "suite_entries": [asdict(e) for e in suite.entries]},
+            _code_version(),
+        )
+        for entry in suite.entries:
+            env = registry.get(entry.env)
+            policy = _policy(job, entry, env, policies)
+            epochs = entry.epochs or job.epochs
+            trajs = await _run_entry(job, suite, entry, env, policy, run_id, epochs)
+            store.add(trajs)
+            unsafe_ids |= {t.id for t in trajs if judge.judge(t).unsafe}
+            key = entry.env if entry.env not in per_env else f"{entry.env}#{len(per_env)}"
+            per_env[key] = score(trajs, is_unsafe, k=epochs)
+            tasks[key] = task_outcomes(trajs)
+            everything += trajs
+        version = next(iter(policies.values()), None)
+        result = {
+            "suite": suite.name,
+            "policy": job.policy,
+            "policy_version": getattr(version, "version", None),
+            "weights_hash": policy_weights_hash(version) if version is not None else "",
+            "run_id": run_id,
+            "store": store.url,
+            "epochs": job.epochs,
+            "metrics": {"overall": score(everything, is_unsafe, k=job.epochs), **per_env},
+            "tasks": tasks,
+        }
+    finally:
+        for policy in policies.values():
+            await _close_policy(policy)
+        store.close()
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    from safactory.jobs.eval_report import write_eval_report
+
+    write_eval_report(result, out / "report.html")
+    return result
+
+
+def _policy(job: EvalJob, entry: SuiteEntry, env: Any, policies: dict[str, Policy]) -> Policy:
+    """The policy for an entry: a scripted one is the env's own expert, a model is loaded once."""
+    key = entry.env if job.policy == "scripted" else ""
+    if key not in policies:
+        policies[key] = make_policy(job.policy, env, job.seed, device=job.device, dtype=job.dtype)
+    return policies[key]
+
+
+async def _run_entry(
+    job: EvalJob, suite: Suite, entry: SuiteEntry, env: Any, policy: Policy, run_id: str, epochs: int
+) -> list[Trajectory]:
+    source = env.tasks(**entry.options)
+    tasks = await asyncio.to_thread(source.tasks, entry.split, entry.tasks)
+    if not tasks:
+        raise ValueError(f"{entry.env} has no {entry.split!r} tasks")
+    turns = env.spec.max_turns if env.spec is not None else 16
+    limits = EpisodeLimits(max_turns=turns, max_tokens_per_turn=job.max_tokens, max_total_tokens=job.max_tokens * turns)
+    runner = RolloutRunner(
+        env.factory,
+        policy,
+        limits=limits,
+        concurrency=job.concurrency,
+        run_id=run_id,
+        seed=job.seed,
+        provenance=lambda: {"policy": job.policy, "suite": suite.name, "redacted": job.redact},
+    )
+    sampling = SamplingParams(temperature=0.0 if epochs == 1 else job.temperature, max_tokens=job.max_tokens)
+    groups = await runner.run_groups(
+        tasks, epochs, sampling, kind="eval", tags={"suite": suite.name, "policy": job.policy}
+    )
+    return [t for g in groups for t in g]
