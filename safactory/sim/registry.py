@@ -7,7 +7,7 @@ Env modules know nothing of the registry; this file imports them and registers e
 from __future__ import annotations
 
 from safactory.sim.env import EnvEntry, EnvRegistry
-from safactory.sim.envs import arith, gym, http, maze, mcp, ops
+from safactory.sim.envs import agentdojo_entry, arith, gym, http, maze, mcp, ops
 
 
 def default_registry() -> EnvRegistry:
@@ -22,4 +22,5 @@ def default_registry() -> EnvRegistry:
     ops.register(registry)
     gym.register(registry)
     mcp.register(registry)
+    agentdojo_entry.register(registry)
     return registry
