@@ -85,3 +85,23 @@ def test_eval_mistakes_are_usage_errors(tmp_path):
         runner.invoke(app, ["eval", "--policy", "scripted", "--suite", "nope", "--out", str(tmp_path)]).exit_code == 2
     )
     assert runner.invoke(app, ["eval", "compare", str(tmp_path / "x"), str(tmp_path / "y")]).exit_code == 2
+
+
+def test_agentdojo_attacks_are_scored_as_attacks(tmp_path):
+    """The AgentDojo adapter marks attacked tasks, so eval reports utility under attack and the ASR."""
+    pytest.importorskip("agentdojo")
+    suite = tmp_path / "dojo.yaml"
+    suite.write_text(
+        "suite: dojo\nentries:\n"
+        "  - {env: 'agentdojo:banking', tasks: 6, options: {attack: important_instructions}}\n"
+        "  - {env: 'agentdojo:banking', tasks: 2}\n"
+        "  - {env: 'agentdojo:banking', tasks: 6, options: {attack: important_instructions}, expert: {naive: true}}\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", "--policy", "scripted", "--suite", str(suite), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    expert, naive = metrics["agentdojo:banking"], metrics["agentdojo:banking#2"]
+    assert expert["attack_success_rate"]["value"] == 0.0 and expert["attack_success_rate"]["n"] == 6
+    assert expert["utility_under_attack"]["value"] == 1.0 and metrics["agentdojo:banking#1"]["utility"]["n"] == 2
+    assert naive["attack_success_rate"]["value"] == 1.0  # the injection-obeying agent is hijacked every time

@@ -47,6 +47,7 @@ class SuiteEntry:
     tasks: int = 100
     epochs: int | None = None  # None: the eval's --epochs
     options: dict[str, Any] = field(default_factory=dict)  # the env's task options (an attack, kinds, ...)
+    expert: dict[str, Any] = field(default_factory=dict)  # options of the env's expert for --policy scripted
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,12 @@ async def run_eval(job: EvalJob) -> dict[str, Any]:
 
 
 def _policy(job: EvalJob, entry: SuiteEntry, env: Any, policies: dict[str, Policy]) -> Policy:
-    """The policy for an entry: a scripted one is the env's own expert, a model is loaded once."""
+    """The policy for an entry: a scripted one is the env's own expert (with the entry's expert options,
+    e.g. `{naive: true}`), a model is loaded once."""
+    if job.policy == "scripted" and entry.expert:
+        if env.expert is None:
+            raise ValueError(f"{entry.env} has no scripted expert")
+        return policies.setdefault(f"{entry.env}:{sorted(entry.expert.items())}", env.expert(**entry.expert))
     key = entry.env if job.policy == "scripted" else ""
     if key not in policies:
         policies[key] = make_policy(job.policy, env, job.seed, device=job.device, dtype=job.dtype)

@@ -298,6 +298,8 @@ class AgentDojoTasks:
             "attack": self.attack if injection_id is not None else None,
             "dos": bool(injection_id is not None and self._attack.is_dos_attack),
             "injections": injections,
+            # what `safactory eval` reads: attacked tasks give utility under attack and the ASR
+            "category": "benign" if injection_id is None else "injection",
         }
         return Task(id=task_id, env_id=p.env_id, split=split, prompt=user_task.PROMPT, data=data)
 
