@@ -121,3 +121,14 @@ def test_a_lora_policy_batches_continuously(tokenizer):
     model = lora_model(tokenizer)
     policy = LocalPolicy(model, TemplateChat(tokenizer, [model.config.eos_token_id]), seed=0)
     assert policy.continuous and policy._logits_to_keep
+
+
+def test_gradient_checkpointing_gives_the_same_update(tokenizer):
+    """model.gradient_checkpointing recomputes activations in the backward pass: same loss, same gradients."""
+    plain = lora_model(tokenizer)
+    checkpointed = copy.deepcopy(plain)  # the same weights (LoRA's A matrices are drawn at random)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stats = [Trainer(m, lr=1e-2).train_step(rl_batch(tokenizer), "ppo") for m in (plain, checkpointed)]
+    assert stats[0]["loss"] == pytest.approx(stats[1]["loss"], abs=1e-6)
+    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-4)
+    assert checkpointed.is_gradient_checkpointing
