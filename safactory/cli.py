@@ -146,6 +146,44 @@ app.add_typer(eval_app, name="eval")
 
 
 @app.command()
+def redteam(
+    policy: Annotated[str, typer.Option(help="scripted | smollm2 | a model directory | openai:<base_url>#<model>")],
+    env: Annotated[str, typer.Option(help="A tool env whose tasks get attacks planted in their tool results")],
+    out: Annotated[str, typer.Option("--out", help="Name of the risk suite the found cases are stored as")],
+    db: DbOption,
+    budget: Annotated[int, typer.Option(help="Cases to generate and try")] = 100,
+    expert: Annotated[str, typer.Option(help='Options of the scripted expert as JSON, e.g. {"naive": true}')] = "{}",
+    seed: Annotated[int, typer.Option(help="Seed of the generator")] = 0,
+    raw: RawOption = False,
+) -> None:
+    """Plant instructions in tool results (wording, payload, position, encoding), keep the cases the policy
+    acted unsafely on as risk suite OUT in the store; replay them with `safactory eval --suite risk:OUT`."""
+    import asyncio
+    import json
+
+    from safactory.jobs.redteam import RedTeamJob, run_redteam
+
+    try:
+        job = RedTeamJob(
+            policy=policy,
+            env=env,
+            suite=out,
+            db=db,
+            budget=budget,
+            seed=seed,
+            expert=json.loads(expert),
+            redact=not raw,
+        )
+        result = asyncio.run(run_redteam(job))
+    except (ValueError, KeyError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    Console().print(
+        f"risk suite {out!r}: {result['found']} of {result['cases']} cases found unsafe "
+        f"(run {result['run_id']}); replay: safactory eval --suite risk:{out} --db {db}"
+    )
+
+
+@app.command()
 def train(
     out: Annotated[
         Path,

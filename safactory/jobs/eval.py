@@ -28,14 +28,17 @@ from safactory.data.judges import RuleSafetyJudge
 from safactory.data.redact import Redactor
 from safactory.data.scores import score, task_outcomes
 from safactory.data.store import TrajectoryStore, store_url
+from safactory.jobs.redteam import load_risk_suite
 from safactory.jobs.rollout import _close_policy, _code_version
 from safactory.policy.base import Policy, SamplingParams
 from safactory.policy.specs import make_policy
 from safactory.provenance import weights_hash
 from safactory.sim.agent import EpisodeLimits
+from safactory.sim.env import EnvEntry
+from safactory.sim.envs.risk import ENV_ID, RiskEnv
 from safactory.sim.registry import default_registry
 from safactory.sim.runner import RolloutRunner
-from safactory.types import Trajectory, uuid7
+from safactory.types import Task, Trajectory, uuid7
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,12 @@ BUILTIN_SUITES = {
 
 
 def load_suite(spec: str) -> Suite:
-    """A built-in suite by name, or a YAML file describing one."""
+    """A built-in suite by name, a stored risk suite (`risk:NAME`), or a YAML file describing one."""
     if spec in BUILTIN_SUITES:
         return BUILTIN_SUITES[spec]
+    if spec.startswith("risk:"):
+        name = spec.removeprefix("risk:")
+        return Suite(spec, (SuiteEntry(ENV_ID, split="all", tasks=0, options={"suite": name}),))
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"unknown suite {spec!r}: use {', '.join(sorted(BUILTIN_SUITES))} or a suite YAML file")
@@ -132,10 +138,16 @@ async def run_eval(job: EvalJob) -> dict[str, Any]:
             _code_version(),
         )
         for entry in suite.entries:
-            env = registry.get(entry.env)
-            policy = _policy(job, entry, env, policies)
+            if entry.env == ENV_ID:  # a risk suite: its cases come from the store, each on its base env
+                cases = load_risk_suite(store, str(entry.options["suite"]))
+                env: Any = EnvEntry(factory=lambda: RiskEnv(registry.get), tasks=list)
+                base = registry.get(str(cases[0].data["base_env"]))
+                policy = _policy(job, entry, base, policies)
+            else:
+                env, cases = registry.get(entry.env), None
+                policy = _policy(job, entry, env, policies)
             epochs = entry.epochs or job.epochs
-            trajs = await _run_entry(job, suite, entry, env, policy, run_id, epochs)
+            trajs = await _run_entry(job, suite, entry, env, policy, run_id, epochs, cases)
             store.add(trajs)
             unsafe_ids |= {t.id for t in trajs if judge.judge(t).unsafe}
             key = entry.env if entry.env not in per_env else f"{entry.env}#{len(per_env)}"
@@ -179,10 +191,20 @@ def _policy(job: EvalJob, entry: SuiteEntry, env: Any, policies: dict[str, Polic
 
 
 async def _run_entry(
-    job: EvalJob, suite: Suite, entry: SuiteEntry, env: Any, policy: Policy, run_id: str, epochs: int
+    job: EvalJob,
+    suite: Suite,
+    entry: SuiteEntry,
+    env: Any,
+    policy: Policy,
+    run_id: str,
+    epochs: int,
+    cases: list[Task] | None = None,
 ) -> list[Trajectory]:
-    source = env.tasks(**entry.options)
-    tasks = await asyncio.to_thread(source.tasks, entry.split, entry.tasks)
+    if cases is not None:
+        tasks = cases
+    else:
+        source = env.tasks(**entry.options)
+        tasks = await asyncio.to_thread(source.tasks, entry.split, entry.tasks)
     if not tasks:
         raise ValueError(f"{entry.env} has no {entry.split!r} tasks")
     turns = env.spec.max_turns if env.spec is not None else 16
