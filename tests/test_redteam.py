@@ -8,8 +8,8 @@ import json
 from typer.testing import CliRunner
 
 from safactory.cli import app
+from safactory.data.risk_suites import load_risk_suite
 from safactory.data.store import TrajectoryStore
-from safactory.jobs.redteam import load_risk_suite
 from safactory.sim.envs.risk import follows, plant
 from safactory.types import ToolCall
 
@@ -80,3 +80,52 @@ def test_an_unknown_risk_suite_is_a_clear_error(tmp_path):
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "no risk suite 'nope'" in result.output
+
+
+def test_a_risk_suite_is_an_env_of_the_loop_whose_held_out_cases_are_never_trained_on(tmp_path):
+    """`envs: - id: risk:NAME`: its train cases are trained on, its held-out ones only evaluated (and gated)."""
+    from safactory.config import load_config
+    from safactory.evolve.gate import Gate
+    from safactory.factory.loop import Factory
+    from tests.factory_runs import ARITH
+
+    db = tmp_path / "rt.db"
+    args = ["redteam", "--policy", "scripted", "--env", "ops", "--out", "naive", "--db", str(db), "--budget", "150"]
+    assert CliRunner().invoke(app, [*args, "--expert", '{"naive": true}', "--raw"]).exit_code == 0
+    store = TrajectoryStore(f"sqlite:///{db}")
+    cases = load_risk_suite(store, "naive")
+    store.close()
+    held_out = {c.id for c in cases if c.split == "test"}
+    assert held_out and len(held_out) < len(cases)
+    recipe = tmp_path / "risk.yaml"
+    recipe.write_text(
+        "name: risk-loop\nenvs:\n  - {id: ops, train_tasks: 50, test_tasks: 10, demos: 8}\n"
+        f"  - {{id: 'risk:naive', options: {{db: '{db}'}}, train_tasks: 100, test_tasks: 100, demos: 8}}\n"
+    )
+    config = load_config(
+        recipe,
+        [
+            *[o for o in ARITH if not o.startswith("env.")],
+            "sft.max_steps=2",
+            "sft.probe_every=2",
+            "rl.steps=2",
+            "rl.tasks_per_step=2",
+            "rl.group_size=2",
+            "rl.eval_every=0",
+        ],
+    )
+    out = tmp_path / "run"
+    summary = Factory(config, out).run()
+    final = summary["heldout"]["final"]["envs"]["risk:naive"]
+    assert final["episodes"] == len(held_out)  # evaluated on exactly the held-out cases
+    run_store = TrajectoryStore.in_dir(out)
+    trained = {t.task.id for t in run_store.iter(kind="rollout")} | {t.task.id for t in run_store.iter(kind="expert")}
+    heldout_evals = [t for t in run_store.iter(kind="eval") if t.tags.get("phase") != "sft_probe"]  # probes: train
+    evaluated = {t.task.id for t in heldout_evals if t.env_id == "risk"}
+    run_store.close()
+    assert trained and not trained & held_out and evaluated == held_out
+    # the gate reads the risk suite like any env: a candidate that falls for more of its cases is refused
+    base = {"success_rate": 0.5, "unsafe_rate": 0.0, "envs": {"risk:naive": {"success_rate": 0.5, "unsafe_rate": 0.0}}}
+    worse = {"success_rate": 0.5, "unsafe_rate": 0.0, "envs": {"risk:naive": {"success_rate": 0.5, "unsafe_rate": 0.2}}}
+    decision = Gate(0.02, 0.05).decide(worse, base, step=1, candidate_version=2, baseline_version=1)
+    assert not decision.accepted and "risk:naive" in " ".join(decision.reasons)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from safactory.config import RunConfig, save_config
+from safactory.config import EnvConfig, RunConfig, save_config
 from safactory.data.judges import RuleSafetyJudge
 from safactory.data.redact import Redactor
+from safactory.data.risk_suites import load_risk_suite
 from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.verdicts import SafetyVerdict
 from safactory.factory.metrics import MetricsLog, last_row, make_sinks
@@ -27,7 +29,9 @@ from safactory.factory.run_state import STATE_FILE, RunState
 from safactory.policy.base import SamplingParams
 from safactory.provenance import code_version
 from safactory.sim.agent import EpisodeLimits
-from safactory.sim.env import EnvEntry
+from safactory.sim.env import EnvEntry, EnvRegistry, EnvSpec
+from safactory.sim.envs.risk import ENV_ID as RISK_ENV_ID
+from safactory.sim.envs.risk import RiskEnv
 from safactory.sim.registry import default_registry
 from safactory.types import Task, Trajectory, uuid7
 
@@ -124,7 +128,7 @@ def open_context(config: RunConfig, out: Path, console: Console, resume: bool) -
         store=store,
         metrics=metrics,
         judge=RuleSafetyJudge(),
-        envs=build_envs(config),
+        envs=build_envs(config, store),
         limits=EpisodeLimits(
             max_turns=rollout.max_turns, max_tokens_per_turn=rollout.max_tokens_per_turn, timeout_s=rollout.timeout_s
         ),
@@ -165,11 +169,14 @@ def _resume_time(out: Path, state: RunState) -> float:
     return max(state.time_s, float(last["time_s"]) if last else 0.0)
 
 
-def build_envs(config: RunConfig) -> dict[str, EnvSlot]:
+def build_envs(config: RunConfig, store: TrajectoryStore) -> dict[str, EnvSlot]:
     """The run's environments, each with its train and held-out tasks drawn once."""
     registry = default_registry()
     slots: dict[str, EnvSlot] = {}
     for env in config.envs:
+        if env.id.startswith("risk:"):
+            slots[env.id] = risk_slot(config, env, registry, store)
+            continue
         entry = registry.get(env.id)
         source = entry.tasks(**env.options)
         slots[env.id] = EnvSlot(
@@ -182,3 +189,35 @@ def build_envs(config: RunConfig) -> dict[str, EnvSlot]:
             expert=env.expert,
         )
     return slots
+
+
+def risk_slot(config: RunConfig, env: EnvConfig, registry: EnvRegistry, store: TrajectoryStore) -> EnvSlot:
+    """A stored risk suite as an env (`risk:NAME`; `options: {db: URL}` when it is in another store): its
+    `train` cases are trained on, its held-out ones only evaluated, so the gate also refuses a candidate
+    that falls for more of them. Demonstrations come from the base env's expert, on the attacked tasks."""
+    name = env.id.removeprefix("risk:")
+    source = TrajectoryStore(store_url(env.options["db"])) if env.options.get("db") else store
+    try:
+        cases = load_risk_suite(source, name)
+    finally:
+        if source is not store:
+            source.close()
+    base = registry.get(str(cases[0].data["base_env"]))
+    tools = base.spec.tools if base.spec is not None else ()
+    entry = EnvEntry(
+        factory=partial(RiskEnv, registry.get),
+        tasks=list,
+        expert=base.expert,
+        spec=EnvSpec(
+            id=RISK_ENV_ID, version="1", tools=tuple(tools), max_turns=base.spec.max_turns if base.spec else 16
+        ),
+    )
+    return EnvSlot(
+        name=env.id,
+        entry=entry,
+        train=[c for c in cases if c.split == "train"][: env.train_tasks],
+        test=[c for c in cases if c.split == "test"][: env.test_tasks],
+        weight=env.weight,
+        demos=env.demos if env.demos is not None else config.sft.demos,
+        expert=env.expert,
+    )

@@ -26,9 +26,9 @@ import yaml
 
 from safactory.data.judges import RuleSafetyJudge
 from safactory.data.redact import Redactor
+from safactory.data.risk_suites import load_risk_suite
 from safactory.data.scores import score, task_outcomes
 from safactory.data.store import TrajectoryStore, store_url
-from safactory.jobs.redteam import load_risk_suite
 from safactory.jobs.rollout import _close_policy, _code_version
 from safactory.policy.base import Policy, SamplingParams
 from safactory.policy.specs import make_policy
