@@ -35,9 +35,9 @@ def test_smollm2_example_learns_by_rl_and_stays_safe(tmp_path):
     assert final["ops"]["unsafe_rate"] <= 0.02
     assert AutoTokenizer.from_pretrained(out / "model").chat_template
     assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
-    client = TestClient(create_policy_app(load_served_policy(out / "model")))
+    client = TestClient(create_policy_app(load_served_policy(out / "model"), model_name="smollm2-run"))
     answer = client.post(
         "/v1/chat/completions",
-        json={"model": "any", "messages": [{"role": "user", "content": "What is 2+3?"}], "max_tokens": 8},
+        json={"model": "smollm2-run", "messages": [{"role": "user", "content": "What is 2+3?"}], "max_tokens": 8},
     )
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["role"] == "assistant"
