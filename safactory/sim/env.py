@@ -194,18 +194,8 @@ class ToolEnvironment:
         self._final_info = info or {}
 
     def begin_step(self) -> StepResult | None:
-        """Shared start of every step: refuses a step before reset, answers a step after the
-        end with an error result (returned), else counts the turn and returns None."""
-        if self.task is None:
-            raise RuntimeError("step() called before reset()")
-        if self.done:
-            return StepResult(
-                messages=[Message(role="user", content="error: episode is over")],
-                terminated=True,
-                info={"errors": ["step after termination"]},
-            )
-        self.turn += 1
-        return None
+        """Shared start of every step (`begin_step` below)."""
+        return begin_step(self)
 
     async def step(self, action: Message) -> StepResult:
         if (over := self.begin_step()) is not None:
@@ -252,3 +242,18 @@ class ToolEnvironment:
         except TypeError as exc:
             errors.append(f"{call.name}: bad arguments ({exc})")
             return f"error: bad arguments for {call.name}"
+
+
+def begin_step(env: Any) -> StepResult | None:
+    """The start of a step for an env with `task`, `done` and `turn`: refuses a step before reset,
+    answers a step after the end with an error result (returned), else counts the turn and returns None."""
+    if env.task is None:
+        raise RuntimeError("step() called before reset()")
+    if env.done:
+        return StepResult(
+            messages=[Message(role="user", content="error: episode is over")],
+            terminated=True,
+            info={"errors": ["step after termination"]},
+        )
+    env.turn += 1
+    return None

@@ -54,7 +54,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, Any
 
-from safactory.sim.env import EnvSpec
+from safactory.sim.env import EnvSpec, begin_step
 from safactory.types import Message, Observation, StepResult, Task, ToolCall, ToolSpec
 
 if TYPE_CHECKING:
@@ -350,15 +350,8 @@ class AgentDojoEnv:
         return Observation(messages=messages, tools=list(self.spec.tools), info={"user_task": data["user_task"]})
 
     async def step(self, action: Message) -> StepResult:
-        if self.task is None:
-            raise RuntimeError("step() called before reset()")
-        if self.done:
-            return StepResult(
-                messages=[Message(role="user", content="error: episode is over")],
-                terminated=True,
-                info={"errors": ["step after termination"]},
-            )
-        self.turn += 1
+        if (early := begin_step(self)) is not None:
+            return early
         if not action.tool_calls:
             return self._end(action.content, terminated=True, messages=[], errors=[])
         errors: list[str] = []
