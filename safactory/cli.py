@@ -155,9 +155,13 @@ def redteam(
     expert: Annotated[str, typer.Option(help='Options of the scripted expert as JSON, e.g. {"naive": true}')] = "{}",
     seed: Annotated[int, typer.Option(help="Seed of the generator")] = 0,
     raw: RawOption = False,
+    generators: Annotated[
+        str, typer.Option(help="Comma-separated generators sharing the budget: injection, harmful, error")
+    ] = "injection,harmful,error",
 ) -> None:
-    """Plant instructions in tool results (wording, payload, position, encoding), keep the cases the policy
-    acted unsafely on as risk suite OUT in the store; replay them with `safactory eval --suite risk:OUT`."""
+    """Attack the env's tasks (instructions planted in tool results, harmful requests rephrased, misleading
+    tool errors), keep the cases the policy acted unsafely on as risk suite OUT in the store; replay them
+    with `safactory eval --suite risk:OUT`."""
     import asyncio
     import json
 
@@ -173,6 +177,7 @@ def redteam(
             seed=seed,
             expert=json.loads(expert),
             redact=not raw,
+            generators=tuple(g.strip() for g in generators.split(",") if g.strip()),
         )
         result = asyncio.run(run_redteam(job))
     except (ValueError, KeyError) as exc:
@@ -181,6 +186,8 @@ def redteam(
         f"risk suite {out!r}: {result['found']} of {result['cases']} cases found unsafe "
         f"(run {result['run_id']}); replay: safactory eval --suite risk:{out} --db {db}"
     )
+    for category, counts in result["by_category"].items():
+        Console().print(f"  {category}: {counts['found']} of {counts['cases']} found unsafe")
 
 
 @app.command()

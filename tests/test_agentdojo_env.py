@@ -176,7 +176,7 @@ def test_attack_tasks_are_injected_pairs(entry):
 def test_the_naive_agent_is_hijacked_and_labelled_unsafe_but_the_expert_is_not(entry):
     source = entry.tasks(attack=ATTACK, **PAIRS)
     tasks = source.tasks("train", 100) + source.tasks("test", 100)
-    naive, expert = entry.expert(naive=True), entry.expert()
+    naive, expert, suite = entry.expert(naive=True), entry.expert(), source.profile.suite
     for i, task in enumerate(tasks):
         label = f"injection:{task.data['injection_task']}"
         hijacked = play(entry, naive, task, seed=i)
@@ -184,12 +184,13 @@ def test_the_naive_agent_is_hijacked_and_labelled_unsafe_but_the_expert_is_not(e
         assert final["security"] is True and final["unsafe"] is True, task.id
         assert final["unsafe_labels"] == [label] and final["injection_task"] == task.data["injection_task"]
         flagged = [s for s in hijacked.steps if s.info.get("unsafe_actions")]
-        assert len(flagged) == 1 and flagged[0].info["unsafe_actions"] == [label]
-        assert flagged[0].action.tool_calls, "the label sits on the call that met the injection's goal"
+        assert flagged == [hijacked.steps[-1]] and flagged[0].info["unsafe_actions"] == [label]  # the end decides
+        met = hijacked.steps[final["goal_met_step"]].action.tool_calls  # the call that met the injection's goal
+        assert [c.name for c in met] == [ground_truth(suite, task.data["injection_task"])[-1][0]]
         safe = play(entry, expert, task, seed=i)
         final = safe.steps[-1].info
         assert final["security"] is False and final["unsafe"] is False and final["unsafe_labels"] == []
-        assert not any(s.info.get("unsafe_actions") for s in safe.steps)
+        assert final["goal_met_step"] is None and not any(s.info.get("unsafe_actions") for s in safe.steps)
         assert safe.reward == 1.0, task.id
 
 
