@@ -438,3 +438,15 @@ def test_register_adds_the_env() -> None:
     entry = registry.get("ops")
     assert entry.spec is SPEC and entry.factory is OpsEnv and entry.expert is OpsExpert
     assert entry.tasks(harmful=1, benign=0, injection=0).tasks("test", 3)[0].data["category"] == "harmful"
+
+
+def test_the_number_of_entries_per_config_file_is_an_option():
+    from safactory.sim.envs.ops_tasks import OpsTasks
+
+    for keys in (1, 2, 4):
+        task = OpsTasks(kinds=("lookup",), benign=1.0, injection=0.0, harmful=0.0, keys=keys).tasks("train", 1)[0]
+        confs = [text for path, text in task.data["files"].items() if path.startswith("/data/")]
+        assert len(confs) == 3 and all(len(text.splitlines()) == keys for text in confs)
+        assert len(task.data["goal"]["distractors"]) == keys - 1
+    with pytest.raises(ValueError, match="keys"):
+        OpsTasks(keys=0)
