@@ -132,7 +132,8 @@ class RolloutConfig(_Strict):
         None,
         description="Run rollouts on this OpenAI-compatible server ('openai:<base_url>#<model>', e.g. "
         "`safactory serve-policy`) instead of in-process; each new version is written to OUT/published and "
-        "loaded there with POST /v1/load_weights.",
+        "loaded there with POST /v1/load_weights. Several servers: 'openai:<url>,<url>,...#<model>' (each request "
+        "to the one with the fewest in flight, a dead one taken out and tried again, every version loaded by all).",
     )
     server: Literal["safactory", "vllm", "sglang"] = Field(
         "safactory",
@@ -142,6 +143,23 @@ class RolloutConfig(_Strict):
     )
     endpoint_api_key_env: str | None = Field(
         None, description="Name of the environment variable that holds the endpoint's API key (never the key)."
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="Where RL rollouts run: 'local' (asyncio in this process) or 'ray' (rollout-worker actors on a "
+        "Ray cluster, each storing its groups itself; needs `pip install 'safactory[ray]'` and a store every node "
+        "reaches, i.e. PostgreSQL for several nodes; see docs/scaling.md).",
+    )
+    ray_address: str | None = Field(
+        None, description="executor ray: the cluster to join ('HOST:PORT' or 'auto'); none: start Ray on this machine."
+    )
+    workers_per_node: int = Field(1, ge=1, description="executor ray: rollout-worker actors per node.")
+    cpus_per_worker: float = Field(1.0, ge=0, description="executor ray: CPUs Ray reserves for each worker.")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="executor ray: GPUs Ray reserves for each worker (its policy copy runs there)."
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="executor ray: how often Ray restarts a worker that died (its groups are retried)."
     )
 
 

@@ -31,9 +31,12 @@ from safactory.factory.context import EnvSlot, RunContext
 from safactory.factory.gating import gate, refused_versions
 from safactory.factory.learner import Learner, publish
 from safactory.factory.model_init import reference_model
+from safactory.factory.ray_rollouts import close_pool, open_pool
 from safactory.factory.step_metrics import Occupancy, StepMetrics
 from safactory.factory.warm_start import imitation_pool, success_rate
 from safactory.policy.base import SamplingParams
+from safactory.sim.ray_executor import RayRolloutPool
+from safactory.sim.ray_worker import GroupJob
 from safactory.sim.runner import Admission
 from safactory.types import Task, Trajectory
 
@@ -160,6 +163,8 @@ class OnlineStage:
         self.imitation_rng = random.Random(f"{ctx.config.seed}:imitation:{start_step}")
         self.occupancy = Occupancy()
         self.writer = StoreWriter(ctx.store)
+        # rollout.executor ray: worker actors play and store the groups (factory/ray_rollouts.py)
+        self.ray_pool: RayRolloutPool | None = open_pool(ctx, learner) if ctx.config.rollout.executor == "ray" else None
         started_s = ctx.metrics.elapsed()
         self.stage_start = time.perf_counter()
         producers = self._start_producers(start_step)
@@ -175,6 +180,8 @@ class OnlineStage:
                 producer.cancel()
             await asyncio.gather(*producers.values(), return_exceptions=True)
             await self.writer.close()
+            if self.ray_pool is not None:
+                close_pool(ctx, learner, self.ray_pool)
         ctx.summary[spec.stage] = {
             "started_s": started_s,
             "steps": spec.steps,
@@ -217,6 +224,8 @@ class OnlineStage:
     def _start_producers(self, start_step: int) -> dict[str, asyncio.Task[None]]:
         """One rollout producer per env, streaming groups into the store and the ready queue."""
         sampling = SamplingParams(temperature=self.rl.temperature)
+        if self.ray_pool is not None:
+            return self._start_ray_producers(start_step, sampling)
         return {
             name: asyncio.create_task(
                 self.learner.runners[name].stream(
@@ -230,6 +239,33 @@ class OnlineStage:
             )
             for name in self.quota
         }
+
+    # ---- rollout.executor ray: the same streams, played and stored by the pool's workers ----
+    def _start_ray_producers(self, start_step: int, sampling: SamplingParams) -> dict[str, asyncio.Task[None]]:
+        pool = self.ray_pool
+        assert pool is not None
+        return {
+            name: asyncio.create_task(
+                pool.stream(
+                    name,
+                    task_stream(self.ctx.config.seed, self.ctx.envs[name], f"{self.spec.stage}:{start_step}"),
+                    self.rl.group_size,
+                    sampling,
+                    self.admissions[name],
+                    self._ids_sink(name),
+                    tags=self._tags,
+                )
+            )
+            for name in self.quota
+        }
+
+    def _ids_sink(self, name: str) -> Callable[[GroupJob, list[str]], Any]:
+        async def sink(job: GroupJob, ids: list[str]) -> None:  # the worker stored the group already
+            self.occupancy.finished()
+            self.finished += len(ids)
+            await self.ready[name].put(ids)
+
+        return sink
 
     def _tags(self) -> dict[str, Any]:
         self.occupancy.started()

@@ -41,6 +41,7 @@ from safactory.data.judges import unsafe_by_env
 from safactory.data.redact import Redactor
 from safactory.data.store import TrajectoryStore, store_url
 from safactory.data.writer import StoreWriter
+from safactory.jobs.ray_rollout import run_on_ray
 from safactory.policy.base import Policy, SamplingParams
 from safactory.policy.specs import DEVICE_HELP, DTYPE_HELP, check_dtype, make_policy
 from safactory.sim.agent import EpisodeLimits
@@ -74,6 +75,12 @@ class RolloutJob:
     redact: bool = True  # secrets and personal data redacted before storing (False: raw, recorded in provenance)
     device: str = "cpu"  # where an in-process model policy runs (cpu, cuda, cuda:N, auto)
     dtype: str = "auto"  # its weights dtype (auto: bfloat16 on CUDA, float32 on the CPU)
+    # executor "ray": groups played and stored by Ray rollout-worker actors (`safactory.jobs.ray_rollout`)
+    executor: str = "local"
+    ray_address: str | None = None  # the cluster to join; None: start Ray on this machine
+    workers_per_node: int = 1
+    cpus_per_worker: float = 1.0
+    max_restarts: int = 3
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
@@ -86,6 +93,8 @@ class RolloutJob:
             raise ValueError(f"max_turns must be >= 1, not {self.max_turns}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be 'local' or 'ray', not {self.executor!r}")
 
 
 @dataclass
@@ -200,7 +209,10 @@ async def rollout(
     summary.tasks = len(tasks)
     if len(tasks) < len(plan):  # a small task file: go round it again rather than run fewer episodes
         tasks = [tasks[i % len(tasks)] for i in range(len(plan))]
-    policy = make_policy(config.policy, entry, config.seed, device=config.device, dtype=config.dtype)
+    on_ray = config.executor == "ray"  # then each worker builds the policy itself
+    policy = (
+        None if on_ray else make_policy(config.policy, entry, config.seed, device=config.device, dtype=config.dtype)
+    )
     limits = limits if limits is not None else _limits(config, entry)
     run_id = f"rollout-{uuid7()}"
     settings = asdict(config)
@@ -223,22 +235,28 @@ async def rollout(
             if on_episode is not None:
                 on_episode(traj)
 
-        runner = RolloutRunner(
-            entry.factory,
-            policy,
-            limits=limits,
-            concurrency=config.concurrency,
-            run_id=run_id,
-            seed=config.seed,
-            provenance=lambda: dict(provenance),
-            retry=retry,
-            on_episode=finished,
-        )
+        planned = list(zip(tasks, plan, strict=False))
+        if policy is None:
+            work = run_on_ray(config, store, run_id, planned, limits, provenance, finished, summary, retry)
+        else:
+            runner = RolloutRunner(
+                entry.factory,
+                policy,
+                limits=limits,
+                concurrency=config.concurrency,
+                run_id=run_id,
+                seed=config.seed,
+                provenance=lambda: dict(provenance),
+                retry=retry,
+                on_episode=finished,
+            )
+            work = _run_groups(config, runner, StoreWriter(store), planned, summary)
         try:
-            await _run_groups(config, runner, StoreWriter(store), list(zip(tasks, plan, strict=False)), summary)
+            await work
         finally:
             summary.stored = await asyncio.to_thread(store.count, run_id=run_id)
-            await _close_policy(policy)
+            if policy is not None:
+                await _close_policy(policy)
     finally:
         store.close()
     return summary
@@ -327,6 +345,15 @@ def summary_table(summary: RolloutSummary) -> Table:
     return table
 
 
+# where the episodes run (`--executor ray`: Ray rollout-worker actors; see docs/scaling.md)
+ExecutorOption = Annotated[str, typer.Option("--executor", help="local (this process) | ray (rollout-worker actors)")]
+RayAddressOption = Annotated[
+    str | None, typer.Option("--ray-address", help="executor ray: the cluster (HOST:PORT; default: Ray started here)")
+]
+WorkersOption = Annotated[int, typer.Option("--workers-per-node", min=1, help="executor ray: workers per node")]
+CpusOption = Annotated[float, typer.Option("--cpus-per-worker", min=0.0, help="executor ray: CPUs per worker")]
+
+
 def rollout_command(
     env: Annotated[
         str,
@@ -363,6 +390,10 @@ def rollout_command(
     ] = False,
     device: Annotated[str, typer.Option("--device", help=f"{DEVICE_HELP}; model policies only")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
+    executor: ExecutorOption = "local",
+    ray_address: RayAddressOption = None,
+    workers_per_node: WorkersOption = 1,
+    cpus_per_worker: CpusOption = 1.0,
 ) -> None:
     """Run episodes of one environment against one policy, store every trajectory and print a summary."""
     try:
@@ -382,6 +413,10 @@ def rollout_command(
             redact=not raw,
             device=device,
             dtype=dtype,
+            executor=executor,
+            ray_address=ray_address,
+            workers_per_node=workers_per_node,
+            cpus_per_worker=cpus_per_worker,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -86,9 +86,9 @@ def make_policy(spec: str, env_entry: ExpertSource, seed: int, *, device: str = 
         except TypeError as exc:
             raise ValueError(f"the scripted expert of {env_id!r} cannot be built without arguments: {exc}") from exc
     if spec.startswith("openai:"):
-        from safactory.policy.endpoint import EndpointPolicy
+        from safactory.policy.routing import endpoint_from_spec
 
-        return EndpointPolicy.from_spec(spec)
+        return endpoint_from_spec(spec)  # `openai:<url>,<url>#<model>`: several servers, routed
     if spec == "smollm2":
         return _local_policy(spec, seed, device, dtype)
     path = Path(spec).expanduser()
