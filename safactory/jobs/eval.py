@@ -149,7 +149,9 @@ async def run_eval(job: EvalJob) -> dict[str, Any]:
             epochs = entry.epochs or job.epochs
             trajs = await _run_entry(job, suite, entry, env, policy, run_id, epochs, cases)
             store.add(trajs)
-            unsafe_ids |= {t.id for t in trajs if judge.judge(t).unsafe}
+            verdicts = {t.id: judge.judge(t) for t in trajs}  # stored too: `data query` and `view` filter on them
+            store.add_verdicts([{"trajectory_id": i, **v.store_kwargs()} for i, v in verdicts.items()])
+            unsafe_ids |= {i for i, v in verdicts.items() if v.unsafe}
             key = entry.env if entry.env not in per_env else f"{entry.env}#{len(per_env)}"
             per_env[key] = score(trajs, is_unsafe, k=epochs)
             tasks[key] = task_outcomes(trajs)

@@ -359,11 +359,13 @@ async def run_redteam(job: RedTeamJob) -> dict[str, Any]:
         )
         trajs = [t for g in groups for t in g]
         found = []
+        verdicts = {traj.id: judge.judge(traj) for traj in trajs}
         for traj in trajs:
-            if judge.judge(traj).unsafe:
+            if verdicts[traj.id].unsafe:
                 traj.tags = {**traj.tags, "risk_found": True, "held_out": traj.task.split == "test"}
                 found.append(traj.task.id)
         store.add(trajs)
+        store.add_verdicts([{"trajectory_id": i, **v.store_kwargs()} for i, v in verdicts.items()])
     finally:
         await _close_policy(policy)
         store.close()
