@@ -306,6 +306,107 @@ def test_the_closed_loop_on_ray_workers_sampling_from_an_endpoint(cluster, postg
     assert len({t.provenance["rollout_worker"]["node"] for t in rollouts}) == 2
 
 
+# ---- safactory eval on the cluster -----------------------------------------------------------------------
+
+
+def eval_both_ways(cluster: RayCluster, args: list[str], ray_db: str, local_db: str, tmp_path: Path):
+    """`safactory eval ARGS` on the cluster's workers and in process: both eval.json's and stored episodes."""
+    runs = {}
+    for executor, db in (("ray", ray_db), ("local", local_db)):
+        out = tmp_path / executor
+        extra = ["--executor", "ray", "--ray-address", cluster.address] if executor == "ray" else []
+        result = CliRunner().invoke(app, ["eval", *args, "--db", db, "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        data = json.loads((out / "eval.json").read_text())
+        store = TrajectoryStore(data["store"])
+        trajs = store.query(run_id=data["run_id"])
+        verdicts = {t.id: store.verdicts(t.id) for t in trajs}
+        config = json.loads(store.run_info(data["run_id"])["config"])
+        store.close()
+        runs[executor] = (data, trajs, verdicts, config)
+    return runs["ray"], runs["local"]
+
+
+def scored(data: dict) -> dict:
+    """eval.json's metrics but the time the episodes took (not the same from one run to the next)."""
+    return {env: {k: v for k, v in m.items() if k != "latency_s"} for env, m in data["metrics"].items()}
+
+
+def played(trajs) -> Counter:
+    """What was played, episode by episode: task, seed, outcome, reward and the actions taken."""
+    return Counter(
+        (t.task.id, t.seed, t.success, t.reward, t.termination, tuple(s.action.content for s in t.steps)) for t in trajs
+    )
+
+
+@pytest.mark.ray
+def test_eval_on_two_nodes_scores_as_the_local_executor(cluster, postgres, tmp_path):
+    """`safactory eval --executor ray`: the workers play and store the episodes (each once, on both nodes);
+    read back, they give the local executor's eval.json: per-task outcomes, metrics, verdicts."""
+    two_nodes(cluster)
+    url = postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    args = ["--policy", "scripted", "--suite", "safety"]
+    (ray_data, trajs, verdicts, config), (local_data, local_trajs, local_verdicts, local_config) = eval_both_ways(
+        cluster, args, url, str(tmp_path / "local.db"), tmp_path
+    )
+    assert len(ray_data["tasks"]["ops"]) == 100
+    assert ray_data["tasks"] == local_data["tasks"]
+    assert scored(ray_data) == scored(local_data) and "unsafe_rate" in scored(ray_data)["ops"]
+    same = ("suite", "policy", "policy_version", "weights_hash", "epochs")
+    assert {k: ray_data[k] for k in same} == {k: local_data[k] for k in same}
+    assert played(trajs) == played(local_trajs)
+    # every episode stored once, by a worker, under its group's key; both nodes played
+    assert len(trajs) == len({t.id for t in trajs}) == 100
+    assert Counter((t.kind, t.tags["suite"], t.tags["policy"], t.tags.get("redactions")) for t in trajs) == Counter(
+        (t.kind, t.tags["suite"], t.tags["policy"], t.tags.get("redactions")) for t in local_trajs
+    )
+    assert {t.kind for t in trajs} == {"eval"} and all(t.provenance["redacted"] for t in trajs)
+    assert all(t.id == member_id(t.group_id, 0) for t in trajs)
+    assert len({t.provenance["rollout_worker"]["node"] for t in trajs}) == 2
+    # the judge's verdicts stored once per episode, as in process
+    assert all(len(v) == 1 for v in verdicts.values()) and len(verdicts) == 100
+    assert Counter(v[0]["unsafe"] for v in verdicts.values()) == Counter(
+        v[0]["unsafe"] for v in local_verdicts.values()
+    )
+    assert config["executor"] == "ray" and "executor" not in local_config  # the local run's config as before
+
+
+@pytest.mark.ray
+def test_eval_of_a_risk_suite_agentdojo_and_expert_options_on_two_nodes(cluster, postgres, tmp_path):
+    """A risk suite (RiskEnv over the worker's registry, its cases sent as tasks), an AgentDojo suite under
+    attack and entries with expert options run on the workers and score as in process; the naive expert
+    falls for attacks, so outcomes vary."""
+    pytest.importorskip("agentdojo")
+    two_nodes(cluster)
+    url = postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    found = CliRunner().invoke(
+        app,
+        ["redteam", "--policy", "scripted", "--env", "ops", "--out", "naive", "--db", url, "--budget", "16"]
+        + ["--generators", "injection", "--expert", '{"naive": true}', "--raw"],
+    )
+    assert found.exit_code == 0, found.output
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "suite: mixed\nentries:\n"
+        "  - {env: ops, tasks: 24, expert: {naive: true}}\n"
+        "  - {env: risk, options: {suite: naive}, expert: {naive: true}}\n"
+        "  - {env: 'agentdojo:banking', tasks: 3, options: {attack: important_instructions}, expert: {naive: true}}\n"
+    )
+    args = ["--policy", "scripted", "--suite", str(suite), "--raw"]
+    (ray_data, trajs, _, _), (local_data, local_trajs, _, _) = eval_both_ways(cluster, args, url, url, tmp_path)
+    assert ray_data["tasks"] == local_data["tasks"] and scored(ray_data) == scored(local_data)
+    assert played(trajs) == played(local_trajs)
+    ops, risk, dojo = (ray_data["metrics"][env] for env in ("ops", "risk", "agentdojo:banking"))
+    # outcomes that differ from task to task: some episodes unsafe, some failed
+    assert 0.0 < ops["unsafe_rate"]["value"] < 1.0
+    assert False in {ok for outcomes in ray_data["tasks"].values() for tries in outcomes.values() for ok in tries}
+    assert risk["episodes"] >= 1 and risk["attack_success_rate"]["value"] == 1.0
+    assert dojo["episodes"] == 3 and dojo["attack_success_rate"]["value"] == 1.0  # hijacked every time
+    assert len(trajs) == len({t.id for t in trajs}) == ops["episodes"] + risk["episodes"] + dojo["episodes"]
+    assert {t.task.env_id for t in trajs if t.task.id in ray_data["tasks"]["risk"]} == {"risk"}
+    assert all("rollout_worker" in t.provenance for t in trajs)  # played on the workers, not in process
+
+
 # last in the file: a node killed stays listed as alive for a while (until Ray's health checks see it)
 @pytest.mark.ray
 def test_the_closed_loop_survives_a_node_killed_mid_episode(cluster, postgres, tmp_path):

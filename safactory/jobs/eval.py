@@ -12,12 +12,17 @@ safety judge (env labels, tool annotations) says which episodes are unsafe. Metr
 `OUT/eval.json`, with each task's attempts (for `safactory eval compare`), and shown in
 `OUT/report.html`. With one epoch the policy is greedy; with K > 1 it samples at
 `temperature` and pass@k / pass^k use those K attempts.
+
+With `executor="ray"` the episodes are played and stored by Ray rollout-worker actors
+(`safactory.jobs.ray_eval`); they are read back from the store and scored here the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +34,13 @@ from safactory.data.redact import Redactor
 from safactory.data.risk_suites import load_risk_suite
 from safactory.data.scores import score, task_outcomes
 from safactory.data.store import TrajectoryStore, store_url
+from safactory.jobs.ray_eval import EntryPlan, play_entry, ray_connection
 from safactory.jobs.rollout import _close_policy, _code_version
 from safactory.policy.base import Policy, SamplingParams
 from safactory.policy.specs import make_policy
 from safactory.provenance import weights_hash
 from safactory.sim.agent import EpisodeLimits
-from safactory.sim.env import EnvEntry
+from safactory.sim.env import EnvEntry, EnvRegistry
 from safactory.sim.envs.risk import ENV_ID, RiskEnv
 from safactory.sim.registry import default_registry
 from safactory.sim.runner import RolloutRunner
@@ -100,10 +106,30 @@ class EvalJob:
     redact: bool = True
     device: str = "cpu"
     dtype: str = "auto"
+    # executor "ray": the episodes played and stored by Ray rollout-worker actors (`safactory.jobs.ray_eval`)
+    executor: str = "local"
+    ray_address: str | None = None  # the cluster to join; None: start Ray on this machine
+    workers_per_node: int = 1
+    cpus_per_worker: float = 1.0
+    max_restarts: int = 3
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, not {self.epochs}")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be 'local' or 'ray', not {self.executor!r}")
+
+
+RAY_SETTINGS = ("executor", "ray_address", "workers_per_node", "cpus_per_worker", "max_restarts")
+
+
+def _run_config(job: EvalJob, suite: Suite) -> dict[str, Any]:
+    """The eval run's stored config (the local executor's records no Ray settings, as before there were any)."""
+    settings = asdict(job)
+    if job.executor == "local":
+        for name in RAY_SETTINGS:
+            settings.pop(name)
+    return {"command": "eval", **settings, "suite_entries": [asdict(e) for e in suite.entries]}
 
 
 def policy_weights_hash(policy: Policy) -> str:
@@ -127,41 +153,45 @@ async def run_eval(job: EvalJob) -> dict[str, Any]:
     tasks: dict[str, dict[str, list[bool]]] = {}
     everything: list[Trajectory] = []
     unsafe_ids: set[str] = set()
+    identity: dict[str, Any] = {}  # executor ray: the policy's version and weights hash, as its workers say
 
     def is_unsafe(traj: Trajectory) -> bool:
         return traj.id in unsafe_ids
 
+    connection: AbstractAsyncContextManager[None] = (
+        ray_connection(job) if job.executor == "ray" else contextlib.nullcontext()
+    )
     try:
-        store.create_run(
-            run_id,
-            {"command": "eval", **asdict(job), "suite_entries": [asdict(e) for e in suite.entries]},
-            _code_version(),
-        )
-        for entry in suite.entries:
-            if entry.env == ENV_ID:  # a risk suite: its cases come from the store, each on its base env
-                cases = load_risk_suite(store, str(entry.options["suite"]))
-                env: Any = EnvEntry(factory=lambda: RiskEnv(registry.get), tasks=list)
-                base = registry.get(str(cases[0].data["base_env"]))
-                policy = _policy(job, entry, base, policies)
-            else:
-                env, cases = registry.get(entry.env), None
-                policy = _policy(job, entry, env, policies)
-            epochs = entry.epochs or job.epochs
-            trajs = await _run_entry(job, suite, entry, env, policy, run_id, epochs, cases)
-            store.add(trajs)
-            verdicts = {t.id: judge.judge(t) for t in trajs}  # stored too: `data query` and `view` filter on them
-            store.add_verdicts([{"trajectory_id": i, **v.store_kwargs()} for i, v in verdicts.items()])
-            unsafe_ids |= {i for i, v in verdicts.items() if v.unsafe}
-            key = entry.env if entry.env not in per_env else f"{entry.env}#{len(per_env)}"
-            per_env[key] = score(trajs, is_unsafe, k=epochs)
-            tasks[key] = task_outcomes(trajs)
-            everything += trajs
-        version = next(iter(policies.values()), None)
+        store.create_run(run_id, _run_config(job, suite), _code_version())
+        async with connection:
+            for n, entry in enumerate(suite.entries):
+                epochs = entry.epochs or job.epochs
+                if job.executor == "ray":  # the workers store the episodes; read back from the store
+                    name = f"{run_id}-{n}"
+                    trajs = await _ray_entry(job, suite, entry, registry, store, run_id, epochs, name, identity)
+                else:
+                    env, cases, base = _entry_env(entry, store, registry)
+                    policy = _policy(job, entry, env if cases is None else registry.get(base), policies)
+                    trajs = await _run_entry(job, suite, entry, env, policy, run_id, epochs, cases)
+                    store.add(trajs)
+                verdicts = {t.id: judge.judge(t) for t in trajs}  # stored too: `data query` and `view` filter on them
+                store.add_verdicts([{"trajectory_id": i, **v.store_kwargs()} for i, v in verdicts.items()])
+                unsafe_ids |= {i for i, v in verdicts.items() if v.unsafe}
+                key = entry.env if entry.env not in per_env else f"{entry.env}#{len(per_env)}"
+                per_env[key] = score(trajs, is_unsafe, k=epochs)
+                tasks[key] = task_outcomes(trajs)
+                everything += trajs
+        if job.executor == "local":
+            version = next(iter(policies.values()), None)
+            identity = {
+                "version": getattr(version, "version", None),
+                "weights_hash": policy_weights_hash(version) if version is not None else "",
+            }
         result = {
             "suite": suite.name,
             "policy": job.policy,
-            "policy_version": getattr(version, "version", None),
-            "weights_hash": policy_weights_hash(version) if version is not None else "",
+            "policy_version": identity.get("version"),
+            "weights_hash": identity.get("weights_hash", ""),
             "run_id": run_id,
             "store": store.url,
             "epochs": job.epochs,
@@ -177,6 +207,48 @@ async def run_eval(job: EvalJob) -> dict[str, Any]:
 
     write_eval_report(result, out / "report.html")
     return result
+
+
+def _entry_env(entry: SuiteEntry, store: TrajectoryStore, registry: EnvRegistry) -> tuple[Any, list[Task] | None, str]:
+    """The entry's env, its risk cases (None unless it is a risk suite) and the env whose expert plays it."""
+    if entry.env == ENV_ID:  # a risk suite: its cases come from the store, each on its base env
+        cases = load_risk_suite(store, str(entry.options["suite"]))
+        env = EnvEntry(factory=lambda: RiskEnv(registry.get), tasks=list)
+        return env, cases, str(cases[0].data["base_env"])
+    return registry.get(entry.env), None, entry.env
+
+
+async def _ray_entry(
+    job: EvalJob,
+    suite: Suite,
+    entry: SuiteEntry,
+    registry: EnvRegistry,
+    store: TrajectoryStore,
+    run_id: str,
+    epochs: int,
+    name: str,
+    identity: dict[str, Any],
+) -> list[Trajectory]:
+    """The entry's episodes played and stored by Ray workers (named `name`), read back from the store in
+    plan order. The first entry's workers fill `identity` (their policy's version and weights hash)."""
+    env, cases, base = _entry_env(entry, store, registry)
+    if job.policy == "scripted":  # the same errors as in process (no expert, bad expert options), before any worker
+        await _close_policy(_policy(job, entry, env if cases is None else registry.get(base), {}))
+    plan = EntryPlan(
+        env=entry.env,
+        policy_env=base,
+        expert=dict(entry.expert),
+        tasks=await _entry_tasks(entry, env, cases),
+        epochs=epochs,
+        limits=_entry_limits(job, env),
+        sampling=_sampling(job, epochs),
+        provenance={"policy": job.policy, "suite": suite.name, "redacted": job.redact},
+        tags={"suite": suite.name, "policy": job.policy},
+    )
+    trajs, said = await play_entry(job, store, run_id, plan, name)
+    if not identity:
+        identity.update(said)
+    return trajs
 
 
 def _policy(job: EvalJob, entry: SuiteEntry, env: Any, policies: dict[str, Policy]) -> Policy:
@@ -202,6 +274,24 @@ async def _run_entry(
     epochs: int,
     cases: list[Task] | None = None,
 ) -> list[Trajectory]:
+    tasks = await _entry_tasks(entry, env, cases)
+    runner = RolloutRunner(
+        env.factory,
+        policy,
+        limits=_entry_limits(job, env),
+        concurrency=job.concurrency,
+        run_id=run_id,
+        seed=job.seed,
+        provenance=lambda: {"policy": job.policy, "suite": suite.name, "redacted": job.redact},
+    )
+    groups = await runner.run_groups(
+        tasks, epochs, _sampling(job, epochs), kind="eval", tags={"suite": suite.name, "policy": job.policy}
+    )
+    return [t for g in groups for t in g]
+
+
+async def _entry_tasks(entry: SuiteEntry, env: Any, cases: list[Task] | None) -> list[Task]:
+    """The entry's tasks: a risk suite's cases, else `tasks` tasks of the env's `split`."""
     if cases is not None:
         tasks = cases
     else:
@@ -209,19 +299,15 @@ async def _run_entry(
         tasks = await asyncio.to_thread(source.tasks, entry.split, entry.tasks)
     if not tasks:
         raise ValueError(f"{entry.env} has no {entry.split!r} tasks")
+    return tasks
+
+
+def _entry_limits(job: EvalJob, env: Any) -> EpisodeLimits:
+    """Turns: the env's own (16 where it declares none); tokens: `max_tokens` a turn."""
     turns = env.spec.max_turns if env.spec is not None else 16
-    limits = EpisodeLimits(max_turns=turns, max_tokens_per_turn=job.max_tokens, max_total_tokens=job.max_tokens * turns)
-    runner = RolloutRunner(
-        env.factory,
-        policy,
-        limits=limits,
-        concurrency=job.concurrency,
-        run_id=run_id,
-        seed=job.seed,
-        provenance=lambda: {"policy": job.policy, "suite": suite.name, "redacted": job.redact},
-    )
-    sampling = SamplingParams(temperature=0.0 if epochs == 1 else job.temperature, max_tokens=job.max_tokens)
-    groups = await runner.run_groups(
-        tasks, epochs, sampling, kind="eval", tags={"suite": suite.name, "policy": job.policy}
-    )
-    return [t for g in groups for t in g]
+    return EpisodeLimits(max_turns=turns, max_tokens_per_turn=job.max_tokens, max_total_tokens=job.max_tokens * turns)
+
+
+def _sampling(job: EvalJob, epochs: int) -> SamplingParams:
+    """Greedy with one epoch; `temperature` with K > 1."""
+    return SamplingParams(temperature=0.0 if epochs == 1 else job.temperature, max_tokens=job.max_tokens)

@@ -12,8 +12,20 @@ from rich.table import Table
 RawOption = Annotated[
     bool, typer.Option("--raw", help="Keep secrets and personal data as they are (default: redacted)")
 ]
+# where the episodes run (`--executor ray`: Ray rollout-worker actors; see docs/scaling.md)
+ExecutorOption = Annotated[
+    str, typer.Option("--executor", help="local (this process) | ray (rollout-worker actors play and store)")
+]
+RayAddressOption = Annotated[
+    str | None, typer.Option("--ray-address", help="executor ray: the cluster (HOST:PORT; default: Ray started here)")
+]
+WorkersOption = Annotated[int, typer.Option("--workers-per-node", min=1, help="executor ray: workers per node")]
+CpusOption = Annotated[float, typer.Option("--cpus-per-worker", min=0.0, help="executor ray: CPUs per worker")]
 
-eval_app = typer.Typer(help="Evaluate a policy on a suite (metrics with 95% intervals), or compare two evaluations.")
+eval_app = typer.Typer(
+    help="Evaluate a policy on a suite (metrics with 95% intervals), or compare two evaluations. "
+    "With --executor ray the episodes run on Ray rollout-worker actors (docs/scaling.md)."
+)
 
 
 @eval_app.callback(invoke_without_command=True)
@@ -22,7 +34,7 @@ def eval_suite(
     policy: Annotated[
         str | None, typer.Option(help="scripted | smollm2 | a saved model directory | openai:<base_url>#<model>")
     ] = None,
-    suite: Annotated[str, typer.Option(help="core | safety | a suite YAML file")] = "core",
+    suite: Annotated[str, typer.Option(help="core | safety | risk:NAME | a suite YAML file")] = "core",
     out: Annotated[Path | None, typer.Option("--out", help="Where eval.json and report.html go")] = None,
     db: Annotated[str | None, typer.Option("--db", help="Store URL or file (default: OUT/store.db)")] = None,
     epochs: Annotated[int, typer.Option(help="Attempts per task (K of pass@K); 1 is greedy")] = 1,
@@ -35,8 +47,16 @@ def eval_suite(
     inspect: Annotated[
         bool, typer.Option("--inspect", help="Also write an inspect_ai log (OUT/inspect/*.eval) for `inspect view`")
     ] = False,
+    executor: ExecutorOption = "local",
+    ray_address: RayAddressOption = None,
+    workers_per_node: WorkersOption = 1,
+    cpus_per_worker: CpusOption = 1.0,
 ) -> None:
-    """safactory eval --policy P --suite S --out DIR: run the suite, store the episodes, write the metrics."""
+    """safactory eval --policy P --suite S --out DIR: run the suite, store the episodes, write the metrics.
+
+    With --executor ray (and --ray-address) the episodes are played and stored by Ray rollout workers,
+    then read back and scored here as with the local executor; give a --db every node reaches (PostgreSQL).
+    """
     if ctx.invoked_subcommand is not None:
         return
     if policy is None or out is None:
@@ -64,6 +84,10 @@ def eval_suite(
             redact=not raw,
             device=device,
             dtype=dtype,
+            executor=executor,
+            ray_address=ray_address,
+            workers_per_node=workers_per_node,
+            cpus_per_worker=cpus_per_worker,
         )
         result = asyncio.run(run_eval(job))
     except ValueError as exc:

@@ -64,6 +64,22 @@ def worker_lost_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def connect(options: RayOptions) -> bool:
+    """Join the cluster at `options.address` (none: start Ray on this machine) unless this process is
+    connected already; True when it connected here (and so is the one to `ray.shutdown()`)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=options.address,
+        namespace=options.namespace,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        include_dashboard=False if options.address is None else None,
+    )
+    return True
+
+
 class GroupFailed(RuntimeError):
     """A group whose workers died on every try."""
 
@@ -155,15 +171,7 @@ class RayRolloutPool:
         """Connect to Ray, place the workers and wait until they answer (their setup errors are raised)."""
         ray = import_ray()
         opts = self.options
-        if not ray.is_initialized():
-            ray.init(
-                address=opts.address,
-                namespace=opts.namespace,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                include_dashboard=False if opts.address is None else None,
-            )
-            self._owns_ray = True
+        self._owns_ray = connect(opts)
         nodes = [n for n in ray.nodes() if n.get("Alive") and self._fits(n.get("Resources", {}))]
         self.nodes = len(nodes)
         actor = ray.remote(RolloutWorker)
@@ -223,6 +231,14 @@ class RayRolloutPool:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+
+    def policy_identity(self) -> dict[str, Any]:
+        """What a live worker says of its policy: its version and weights hash ({} with no live worker)."""
+        ray = import_ray()
+        for worker in self.workers:
+            if worker.ready:
+                return dict(ray.get(worker.handle.policy_identity.remote(), timeout=self.options.start_timeout_s))
+        return {}
 
     def stats(self) -> dict[str, Any]:
         """Nodes, workers (live and lost), groups finished and groups retried after a worker died."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from safactory.policy.base import Policy, SamplingParams
+from safactory.provenance import weights_hash
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.env import Environment
 from safactory.sim.runner import RolloutRunner, StartRetry
@@ -271,6 +272,12 @@ class RolloutWorker:
             "groups": self.groups,
             "reused": self.reused,
         }
+
+    async def policy_identity(self) -> dict[str, Any]:
+        """The worker's policy: its version, and a hash of its weights ("" for a policy without weights)."""
+        model = getattr(self.policy, "model", None)
+        digest = weights_hash(model.state_dict()) if model is not None and hasattr(model, "state_dict") else ""
+        return {"version": getattr(self.policy, "version", None), "weights_hash": digest}
 
     async def close(self) -> None:
         await self.store.close()
