@@ -5,6 +5,9 @@ The large model has SmolLM2-135M's transformer shape (30 layers, 576 wide, 9 que
 3 key-value heads) with the character vocabulary, random init (no hub access needed).
 Then a short closed loop on an HF chat model with LoRA in bf16 (`benchmarks/hf_loop.py`: a
 Qwen3-shaped model on Qwen3's tokenizer, with generation and training tokens/s).
+Then, where Ray is installed, a tiny closed loop with its rollouts in a Ray worker actor whose policy
+copy runs on the GPU (`rollout.executor=ray`, `rollout.gpus_per_worker=1`, `model.device=cuda`): its
+held-out result and wall time. `--ray-loop-cpu` runs only that loop, on the CPU (no GPU needed).
 The last line is `ratio=<trainer tokens/s / bare torch loop tokens/s>` on the GPU.
 """
 
@@ -12,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -73,9 +79,62 @@ def check_generation(device: str) -> None:
     print(f"batched greedy == unbatched: {same}/{len(greedy)}")
 
 
+def check_ray_loop(device: str) -> None:
+    """A tiny arith closed loop (no SFT, 2 RL steps) whose rollouts a Ray worker actor plays with its own
+    copy of the policy on `device` (on CUDA Ray reserves the GPU for it: `rollout.gpus_per_worker=1`);
+    prints its held-out result and wall time, or a line saying why it was skipped."""
+    if importlib.util.find_spec("ray") is None:
+        print("ray loop: skipped (Ray is not installed: pip install 'safactory[ray]')")
+        return
+    from rich.console import Console
+
+    from safactory.config import load_config
+    from safactory.factory.loop import Factory
+
+    test_tasks = 16
+    overrides = [
+        "seed=1",
+        "env.train_tasks=64",
+        f"env.test_tasks={test_tasks}",
+        "model.hidden_size=64",
+        "model.intermediate_size=128",
+        f"model.device={device}",
+        "sft.enabled=false",
+        "rl.steps=2",
+        "rl.tasks_per_step=4",
+        "rl.group_size=4",
+        "rl.eval_every=0",
+        "gate.enabled=false",
+        "checkpoint_every=100",
+        "logging.tensorboard=false",
+        "logging.report=false",
+        "rollout.concurrency=16",
+        "rollout.max_batch=16",
+        "rollout.executor=ray",  # no rollout.ray_address: a Ray instance of its own on this machine
+        "rollout.workers_per_node=1",
+        "rollout.cpus_per_worker=1",
+        f"rollout.gpus_per_worker={1 if device.startswith('cuda') else 0}",
+    ]
+    config = load_config(str(Path(__file__).resolve().parents[1] / "examples" / "arith.yaml"), overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        summary = Factory(config, Path(tmp) / "run", console=Console(stderr=True, quiet=True)).run()
+        wall_s = time.perf_counter() - started
+    final, ray_stats = summary["heldout"]["final"], summary["ray"]["policy"]
+    print(
+        f"ray loop (rollouts in {ray_stats['workers']} Ray worker(s), policy on {device}): "
+        f"held-out success {final['success_rate']:.3f} on {test_tasks} tasks, "
+        f"{ray_stats['groups']} groups played by workers, {wall_s:.1f} s wall"
+    )
+
+
 def main() -> None:
+    if "--ray-loop-cpu" in sys.argv[1:]:  # the Ray section alone, on the CPU (checks it without a GPU)
+        check_ray_loop("cpu")
+        return
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
+        print("ray loop: skipped (no CUDA device; `--ray-loop-cpu` runs it on the CPU)")
         return
     device = "cuda"
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
@@ -125,6 +184,10 @@ def main() -> None:
         )
     except Exception as exc:  # the checks above stand on their own
         print(f"HF loop check failed: {exc!r}")
+    try:
+        check_ray_loop(device)
+    except Exception as exc:  # so does the rest
+        print(f"ray loop check failed: {exc!r}")
     print(f"ratio={ours / bare:.3f}")
 
 

@@ -483,3 +483,30 @@ def test_served_policy_publishes_lora_versions_and_names_them_in_requests(kind, 
     with pytest.raises(PublishError):
         asyncio.run(served.publish(weights))
     assert endpoint.model == expected and served.version == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_several_servers_each_load_every_version_and_one_that_fails_leaves_routing(kind, fake, models, tmp_path):
+    from safactory.policy.routing import RoutedPolicy
+    from safactory.policy.served import ServedPolicy
+    from safactory.policy.weights import version_state
+
+    lora_model, _, tokenizer = models
+    (a, url_a), (b, url_b) = fake(kind), fake(kind)
+    endpoint = RoutedPolicy.from_spec(f"openai:{url_a}/v1,{url_b}/v1#{BASE}")
+    served = ServedPolicy(endpoint, lora_model, tokenizer, tmp_path / "published", server=kind)
+    weights = version_state(lora_model)
+    assert asyncio.run(served.publish(weights)) == 1
+    assert a.routes() == b.routes() == [LOAD[kind]]  # the same version on both servers
+    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == ["v000001"]  # written once
+    expected = "safactory-v000002" if kind == "vllm" else f"{BASE}:safactory-v000002"
+    b.refuse[LOAD[kind]] = 1  # b cannot load v2: a serves it, b leaves routing until a later version loads there
+    assert asyncio.run(served.publish(weights)) == 2
+    assert endpoint.model == expected and served.version == 2
+    assert [s["stale"] for s in endpoint.status()] == [False, True]
+    assert asyncio.run(served.publish(weights)) == 3  # b loads v3 and is back
+    assert [s["stale"] for s in endpoint.status()] == [False, False]
+    a.refuse[LOAD[kind]] = b.refuse[LOAD[kind]] = 1  # nobody loads v4: an error, v3 keeps serving
+    with pytest.raises(PublishError):
+        asyncio.run(served.publish(weights))
+    assert served.version == 3

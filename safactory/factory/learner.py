@@ -22,7 +22,7 @@ from safactory.factory.context import RunContext
 from safactory.policy.chat import ChatRenderer
 from safactory.policy.local import LocalPolicy
 from safactory.policy.models import PolicyModel, merge_lora, save_adapter, save_model
-from safactory.policy.routing import RoutedPolicy, endpoint_from_spec
+from safactory.policy.routing import endpoint_from_spec
 from safactory.policy.served import ServedPolicy
 from safactory.policy.weights import is_adapter_model, version_state
 from safactory.provenance import weights_hash
@@ -115,8 +115,6 @@ def _policy(
     if rollout.endpoint:
         key = os.environ.get(rollout.endpoint_api_key_env) if rollout.endpoint_api_key_env else None
         endpoint = endpoint_from_spec(rollout.endpoint, api_key=key)  # several servers: routed (policy/routing.py)
-        if isinstance(endpoint, RoutedPolicy) and rollout.server != "safactory":
-            raise ValueError("several servers in rollout.endpoint need rollout.server 'safactory' for now")
         publish_dir = (ctx.out / "published" / name).resolve()  # the server reads it: an absolute path
         return ServedPolicy(
             endpoint, model, tokenizer, publish_dir, version=version, server=rollout.server, api_key=key

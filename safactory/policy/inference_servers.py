@@ -140,24 +140,35 @@ class InferenceServerPublisher:
     async def publish(self, model: PreTrainedModel, version: int) -> int:
         """Write `version` to disk and have the server serve it; returns `version`."""
         async with self._lock:
-            if self.lora and version == self.version:
-                raise PublishError(
-                    f"v{version} is already served by {self.kind} server {self.base_url} as adapter "
-                    f"{self.adapter_name(version)!r}; publish a new version number"
-                )
-            try:
-                await self.disk.publish(model, version)
-            except OSError as exc:
-                raise PublishError(f"could not write v{version} to {self.disk.path(version)}: {exc}") from exc
-            path = self.disk.path(version)
-            self._check_directory(path, version)
-            async with self._client() as client:
-                if self.lora:
-                    await self._publish_lora(client, path, version)
-                else:
-                    await self._load_full(client, path, version)
-            self.version = version
+            self._refuse_served(version)
+            await write_version(self.disk, model, version)
+            await self._load(version)
             return version
+
+    async def load(self, version: int) -> int:
+        """Have the server serve `version`, which is on disk already (written through this publisher's
+        `disk`, e.g. once for several servers: `ServerGroupPublisher`); returns `version`."""
+        async with self._lock:
+            self._refuse_served(version)
+            await self._load(version)
+            return version
+
+    def _refuse_served(self, version: int) -> None:
+        if self.lora and version == self.version:
+            raise PublishError(
+                f"v{version} is already served by {self.kind} server {self.base_url} as adapter "
+                f"{self.adapter_name(version)!r}; publish a new version number"
+            )
+
+    async def _load(self, version: int) -> None:
+        path = self.disk.path(version)
+        self._check_directory(path, version)
+        async with self._client() as client:
+            if self.lora:
+                await self._publish_lora(client, path, version)
+            else:
+                await self._load_full(client, path, version)
+        self.version = version
 
     def _check_directory(self, path: Path, version: int) -> None:
         """Refuse before calling the server when the saved directory is the wrong kind."""
@@ -260,6 +271,38 @@ class SGLangPublisher(InferenceServerPublisher):
         await self._post(
             client, "/update_weights_from_disk", {"model_path": str(path), "weight_version": str(version)}, version
         )
+
+
+async def write_version(disk: DiskPublisher, model: PreTrainedModel, version: int) -> None:
+    try:
+        await disk.publish(model, version)
+    except OSError as exc:
+        raise PublishError(f"could not write v{version} to {disk.path(version)}: {exc}") from exc
+
+
+class ServerGroupPublisher:
+    """One model on several vLLM or SGLang servers: each version is written to disk once and loaded by every
+    server at once. A server that fails to load it is reported (`publish`'s result), not fatal, unless all
+    fail; the caller takes it out of routing until a later version loads there."""
+
+    def __init__(self, publishers: list[VLLMPublisher | SGLangPublisher]) -> None:
+        if not publishers or len({id(p.disk) for p in publishers}) != 1:
+            raise ValueError("a server group needs publishers that share one DiskPublisher")
+        self.publishers = publishers
+        self.disk = publishers[0].disk
+
+    def served_model(self, version: int | None = None) -> str:
+        return self.publishers[0].served_model(version)  # the same name on every server of the group
+
+    async def publish(self, model: PreTrainedModel, version: int) -> list[BaseException | None]:
+        """Write `version` once, have every server load it; per server, None or why it failed."""
+        await write_version(self.disk, model, version)
+        results = await asyncio.gather(*(p.load(version) for p in self.publishers), return_exceptions=True)
+        errors = [r if isinstance(r, BaseException) else None for r in results]
+        if all(e is not None for e in errors):
+            first = errors[0]
+            raise PublishError(f"no server of the group loaded v{version}: {first}") from first
+        return errors
 
 
 def publisher_for(

@@ -169,19 +169,24 @@ class RoutedPolicy:
         results = await asyncio.gather(
             *(s.client.load_weights(path, target) for s in self.servers), return_exceptions=True
         )
-        failed = [(s, r) for s, r in zip(self.servers, results, strict=True) if isinstance(r, BaseException)]
-        if len(failed) == len(self.servers):
-            first = failed[0][1]
+        errors = [r if isinstance(r, BaseException) else None for r in results]
+        if all(e is not None for e in errors):
+            first = errors[0]
             raise EndpointError(f"no server of {self.spec} loaded v{target}: {first!r}") from first
-        for server, result in zip(self.servers, results, strict=True):
-            if isinstance(result, BaseException):
+        self.loaded(target, errors)
+        return target
+
+    def loaded(self, version: int, errors: list[BaseException | None]) -> None:
+        """Version `version` is served now by the servers whose entry of `errors` (in server order) is None;
+        the others leave routing until a later version loads there."""
+        for server, error in zip(self.servers, errors, strict=True):
+            if error is not None:
                 server.stale = True
                 url = server.client.base_url
-                log.warning("%s did not load v%d (%r): out of routing until a later version loads", url, target, result)
+                log.warning("%s did not load v%d (%r): out of routing until a later version loads", url, version, error)
             else:
                 server.stale, server.failures, server.down_until = False, 0, 0.0
-        self.version = target
-        return target
+        self.version = version
 
     async def close(self) -> None:
         await asyncio.gather(*(s.client.close() for s in self.servers))

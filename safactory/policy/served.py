@@ -23,9 +23,10 @@ from transformers import PreTrainedModel
 
 from safactory.policy.base import Completion, SamplingParams
 from safactory.policy.endpoint import EndpointPolicy
-from safactory.policy.inference_servers import publisher_for
+from safactory.policy.inference_servers import ServerGroupPublisher, publisher_for
 from safactory.policy.models import merge_lora
 from safactory.policy.publish import DiskPublisher, EndpointPublisher
+from safactory.policy.routing import RoutedPolicy
 from safactory.policy.weights import is_adapter_model, load_version_state
 from safactory.types import Message, ToolSpec
 
@@ -33,7 +34,7 @@ from safactory.types import Message, ToolSpec
 class ServedPolicy:
     def __init__(
         self,
-        endpoint: EndpointPolicy,
+        endpoint: EndpointPolicy | RoutedPolicy,
         model: PreTrainedModel,
         tokenizer: Any,
         publish_dir: Path,
@@ -52,9 +53,13 @@ class ServedPolicy:
             self.publisher = EndpointPublisher(endpoint, self.disk)
         else:
             lora = is_adapter_model(self.model)
-            self.publisher = publisher_for(
-                f"{server}:{endpoint.base_url}", self.disk, model_name=endpoint.model, lora=lora, api_key=api_key
-            )
+            urls = [s.client.base_url for s in endpoint.servers] if isinstance(endpoint, RoutedPolicy) else None
+            publishers = [
+                publisher_for(f"{server}:{url}", self.disk, model_name=endpoint.model, lora=lora, api_key=api_key)
+                for url in urls or [endpoint.base_url]
+            ]
+            # several servers: each version written once, loaded by all (a server that fails leaves routing)
+            self.publisher = ServerGroupPublisher(publishers) if urls else publishers[0]
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
         self.keep = keep
 
@@ -70,9 +75,12 @@ class ServedPolicy:
         target = self.version + 1 if version is None else version
         load_version_state(self.model, state_dict)
         merge = is_adapter_model(self.model) and isinstance(self.publisher, EndpointPublisher)
-        await self.publisher.publish(merge_lora(copy.deepcopy(self.model)) if merge else self.model, target)
+        result = await self.publisher.publish(merge_lora(copy.deepcopy(self.model)) if merge else self.model, target)
         if hasattr(self.publisher, "served_model"):  # vLLM / SGLang: a LoRA version is a model name of its own
             self.endpoint.model = self.publisher.served_model(target)
+        if isinstance(self.publisher, ServerGroupPublisher):
+            assert isinstance(self.endpoint, RoutedPolicy)
+            self.endpoint.loaded(target, result)
         self.endpoint.version = target
         for old in sorted(self.disk.root.glob("v*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)

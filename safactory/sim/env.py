@@ -28,6 +28,9 @@ class EnvSpec:
     max_turns: int = 8
     splits: tuple[str, ...] = ("train", "test")
     description: str = ""
+    # `reset` re-initialises all state: a rollout worker may play another episode on an instance
+    # (`safactory.sim.env_pool`). It speaks of instances, not of the env: not compared, not on the wire.
+    reusable: bool = field(default=False, compare=False)
 
 
 @runtime_checkable
@@ -161,8 +164,11 @@ class ToolEnvironment:
     """Base class for environments whose actions are tool calls.
 
     Subclasses set `spec`, implement `on_reset`, and define one method `tool_<name>`
-    per tool. Every call is validated against the tool's schema; problems become
-    tool messages starting with "error:" and are recorded in `info["errors"]`.
+    per tool. `reset` re-initialises the base's own state (task, turn, done, rng; the final
+    reward and info are set afresh by every step), so a subclass whose `on_reset` rebuilds
+    all of its own state may declare its spec `reusable`. Every call is validated against the
+    tool's schema; problems become tool messages starting with "error:" and are recorded in
+    `info["errors"]`.
     """
 
     spec: EnvSpec

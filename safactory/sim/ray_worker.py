@@ -18,6 +18,10 @@ weights (inside the job, so Ray hands over the reference, not the tensors); a wo
 version loads them before it starts the group, and never goes back to an older one. A worker that
 Ray restarted after a crash starts from its setup's weights and catches up the same way. A policy
 without weights of its own (an endpoint) only takes the version number.
+
+Env instances. A worker keeps an `EnvPool` per env name for as long as it lives: an env whose spec
+says `reusable` plays its next episode on an instance whose last episode ended cleanly, up to
+`WorkerSetup.env_pool` idle instances per env (see `safactory.sim.env_pool`); `close` closes them.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from safactory.policy.base import Policy, SamplingParams
 from safactory.provenance import weights_hash
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.env import Environment
-from safactory.sim.runner import RolloutRunner, StartRetry
+from safactory.sim.env_pool import EnvPool, PooledRunner
+from safactory.sim.runner import StartRetry
 from safactory.types import Task, Trajectory
 
 _MASK_62 = (1 << 62) - 1
@@ -177,6 +182,7 @@ class WorkerSetup:
     concurrency: int = 64
     retry: StartRetry | None = None
     keyed_store: bool = False
+    env_pool: int = 64  # idle instances of a reusable env kept per env name (0: a new instance per episode)
 
 
 def _node_id() -> str:
@@ -205,6 +211,7 @@ class RolloutWorker:
         self.groups = 0
         self.reused = 0  # groups found already stored (a retry after the first worker committed)
         self._swap: asyncio.Lock | None = None
+        self.pools: dict[str, EnvPool] = {}
 
     async def run_group(self, job: GroupJob) -> list[str]:
         """Play the job's group (unless the store already holds it), store it, return its ids in member order."""
@@ -224,8 +231,16 @@ class RolloutWorker:
         finally:
             self.running -= 1
 
-    def _runner(self, job: GroupJob) -> RolloutRunner:
-        """A runner for the job's group: the setup's env factory, limits and retries, the job's provenance."""
+    def _pool(self, env: str) -> EnvPool:
+        """The worker's pool of `env`'s instances (made on first use)."""
+        pool = self.pools.get(env)
+        if pool is None:
+            setup = self.setup
+            pool = self.pools[env] = EnvPool(setup.envs[env], setup.env_pool, setup.limits.env_timeout_s)
+        return pool
+
+    def _runner(self, job: GroupJob) -> PooledRunner:
+        """A runner for the job's group: the worker's env pool, the setup's limits and retries, the job's provenance."""
         setup, policy, worker = self.setup, self.policy, {"index": self.index, "node": self.node}
 
         def provenance() -> dict[str, Any]:  # stamped at each episode's start, as in process
@@ -234,8 +249,8 @@ class RolloutWorker:
                 stamp["policy_version_at_start"] = getattr(policy, "version", job.version)
             return stamp
 
-        return RolloutRunner(
-            setup.envs[job.env],
+        return PooledRunner(
+            self._pool(job.env),
             policy,
             limits=setup.limits,
             concurrency=setup.concurrency,
@@ -271,6 +286,8 @@ class RolloutWorker:
             "running": self.running,
             "groups": self.groups,
             "reused": self.reused,
+            "envs_built": sum(p.built for p in self.pools.values()),
+            "env_reuses": sum(p.reuses for p in self.pools.values()),
         }
 
     async def policy_identity(self) -> dict[str, Any]:
@@ -280,6 +297,9 @@ class RolloutWorker:
         return {"version": getattr(self.policy, "version", None), "weights_hash": digest}
 
     async def close(self) -> None:
+        pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
+            await pool.close()
         await self.store.close()
         closing = getattr(self.policy, "close", None)
         if closing is not None:

@@ -100,8 +100,9 @@ class TaskList(BaseModel):
 
 
 def spec_to_json(spec: EnvSpec) -> dict[str, Any]:
-    """An EnvSpec as plain JSON (tools included)."""
-    return _SPEC.dump_python(spec, mode="json")
+    """An EnvSpec as plain JSON (tools included). `reusable` stays home: it speaks of the server's own
+    instances, and a client's session is one episode whatever they allow."""
+    return _SPEC.dump_python(spec, mode="json", exclude={"reusable"})
 
 
 def spec_from_json(data: Any) -> EnvSpec:

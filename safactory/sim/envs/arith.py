@@ -49,6 +49,7 @@ SPEC = EnvSpec(
     tools=(CALC, ANSWER),
     max_turns=4,
     description="State an arithmetic expression; solve it with calc(...) then answer(...).",
+    reusable=True,  # on_reset rebuilds all of the episode's state
 )
 
 _WORDS = {"+": "plus", "-": "minus", "*": "times"}

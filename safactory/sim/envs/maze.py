@@ -62,6 +62,7 @@ SPEC = EnvSpec(
     tools=(MOVE,),
     max_turns=MAX_TURNS,
     description="Walk A to G through a text maze, one move per turn: up/down/left/right or move(direction).",
+    reusable=True,  # on_reset rebuilds all of the episode's state
 )
 
 _HOW = "Each turn reply up, down, left or right (or call move(direction))."
