@@ -510,3 +510,42 @@ def test_several_servers_each_load_every_version_and_one_that_fails_leaves_routi
     with pytest.raises(PublishError):
         asyncio.run(served.publish(weights))
     assert served.version == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ray_workers_follow_the_model_name_each_lora_version_is_served_under(kind, fake, models, tmp_path):
+    """With an endpoint on vLLM/SGLang, a LoRA version is a model of its own: the controller's jobs carry its
+    name and a rollout worker behind takes it with the version (no Ray needed: the worker body, driven)."""
+    from safactory.data.group_writer import StoreTarget
+    from safactory.factory.ray_rollouts import ServedWeights
+    from safactory.policy.base import SamplingParams
+    from safactory.policy.endpoint import EndpointPolicy
+    from safactory.policy.served import ServedPolicy
+    from safactory.policy.weights import version_state
+    from safactory.sim.agent import EpisodeLimits
+    from safactory.sim.ray_worker import EndpointPolicyFactory, GroupJob, RolloutWorker, WorkerSetup
+    from safactory.types import Task
+
+    lora_model, _, tokenizer = models
+    server, url = fake(kind)
+    served = ServedPolicy(EndpointPolicy(f"{url}/v1", BASE), lora_model, tokenizer, tmp_path / "published", server=kind)
+    weights = ServedWeights(served)
+    assert weights.served_model(0) == BASE  # nothing published yet: the base model
+    asyncio.run(served.publish(version_state(lora_model)))
+    asyncio.run(served.publish(version_state(lora_model)))
+    expected = "safactory-v000002" if kind == "vllm" else f"{BASE}:safactory-v000002"
+    assert weights.served_model(2) == expected == served.endpoint.model
+    assert weights.served_model(1) != expected and weights.served_model(7) is None
+
+    setup = WorkerSetup(
+        policy=EndpointPolicyFactory(f"openai:{url}/v1#{BASE}"),
+        envs={},
+        store=StoreTarget(f"sqlite:///{tmp_path / 'store.db'}", redact=False),
+        limits=EpisodeLimits(),
+        run_id="r",
+    )
+    worker = RolloutWorker(setup, 0)
+    task = Task(id="t", env_id="arith", split="train", prompt="p")
+    job = GroupJob("arith", task, "g", 1, SamplingParams(), version=2, model=weights.served_model(2))
+    asyncio.run(worker._catch_up(job))
+    assert worker.policy.version == 2 and worker.policy.model == expected

@@ -42,6 +42,9 @@ class LocalWeights:
             state = version_state(self.policy.model)
             return self.policy.version, {k: v.cpu() for k, v in state.items()}
 
+    def served_model(self, version: int) -> str | None:
+        return None  # the workers hold the weights themselves
+
 
 class ServedWeights:
     """An endpoint's versions: workers take the number, the server has the weights."""
@@ -55,14 +58,15 @@ class ServedWeights:
     def snapshot(self) -> tuple[int, dict[str, Any] | None]:
         return self.policy.version, None
 
+    def served_model(self, version: int) -> str | None:
+        return self.policy.served_models.get(version)
+
 
 def worker_setup(ctx: RunContext, learner: Learner) -> WorkerSetup:
     """What each rollout worker of `learner` is built from."""
     config, rollout, policy = ctx.config, ctx.config.rollout, learner.policy
     factory: Any
     if isinstance(policy, ServedPolicy):
-        if rollout.server != "safactory":
-            raise ValueError("rollout.executor 'ray' with an endpoint needs rollout.server 'safactory' for now")
         assert rollout.endpoint is not None
         factory = EndpointPolicyFactory(rollout.endpoint, rollout.endpoint_api_key_env, policy.version)
     else:

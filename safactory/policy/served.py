@@ -62,6 +62,9 @@ class ServedPolicy:
             self.publisher = ServerGroupPublisher(publishers) if urls else publishers[0]
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
         self.keep = keep
+        # version -> the model name requests give for it (a vLLM/SGLang LoRA version is a model of its own);
+        # Ray rollout workers follow it (factory/ray_rollouts.py)
+        self.served_models: dict[int, str] = {version: endpoint.model}
 
     @property
     def version(self) -> int:
@@ -82,6 +85,8 @@ class ServedPolicy:
             assert isinstance(self.endpoint, RoutedPolicy)
             self.endpoint.loaded(target, result)
         self.endpoint.version = target
+        self.served_models = {v: m for v, m in self.served_models.items() if v > target - 8}
+        self.served_models[target] = self.endpoint.model
         for old in sorted(self.disk.root.glob("v*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return target

@@ -100,6 +100,11 @@ class WeightsSource(Protocol):
         """Its version and a copy of its weights taken together (None: workers need only the number)."""
         ...
 
+    def served_model(self, version: int) -> str | None:
+        """The model name requests must give to sample `version` from its server (a vLLM or SGLang LoRA
+        version is a model of its own), or None: the name the worker's endpoint spec says."""
+        ...
+
 
 @dataclass(frozen=True)
 class RayOptions:
@@ -349,7 +354,7 @@ class RayRolloutPool:
     async def _submit(self, job: GroupJob, worker: _Worker) -> Any:
         if self.weights is not None:
             version, ref = await self._current_weights()
-            job = replace(job, version=version, weights=ref)
+            job = replace(job, version=version, weights=ref, model=self.weights.served_model(version))
         worker.in_flight += 1
         return worker.handle.run_group.remote(job)
 

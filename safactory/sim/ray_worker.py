@@ -97,6 +97,7 @@ class GroupJob:
     provenance: dict[str, Any] = field(default_factory=dict)
     version: int | None = None  # the policy version to sample it with; None: the worker's own
     weights: Any = None  # the object-store reference of that version's weights, or None
+    model: str | None = None  # the model name that version is served under (vLLM/SGLang LoRA), or None
 
 
 @functools.cache
@@ -274,6 +275,8 @@ class RolloutWorker:
             if job.weights is not None and publish is not None:
                 await publish(await job.weights, job.version)
             else:
+                if job.model is not None:  # an endpoint whose server serves each version under a name of its own
+                    self.policy.model = job.model  # type: ignore[attr-defined]
                 self.policy.version = job.version  # type: ignore[attr-defined]
 
     async def ping(self) -> dict[str, Any]:
