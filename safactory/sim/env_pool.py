@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from safactory.policy.base import Policy, SamplingParams
-from safactory.sim.agent import bounded, play_episode
+from safactory.sim.agent import bounded
 from safactory.sim.env import Environment, EnvSpec
 from safactory.sim.runner import RolloutRunner
 from safactory.types import Message, Task, Trajectory
@@ -121,20 +121,18 @@ class PooledRunner(RolloutRunner):
         except Exception as exc:
             return None, exc
         try:
-            traj, reset_error = await play_episode(
-                _Lease(env),  # type: ignore[arg-type]  # an Environment in all but name
-                self.policy,
+            lease = _Lease(env)  # an Environment in all but name: its close gives the instance back
+            traj, reset_error = await self._play(
+                lease,  # type: ignore[arg-type]
                 task,
-                seed=seed,
-                sampling=sampling,
-                limits=self.limits,
-                run_id=self.run_id,
-                group_id=group_id,
-                kind=kind,
-                tags=tags,
-                provenance=provenance,
-                task_hash=task_hash,
-                started=started,
+                seed,
+                group_id,
+                task_hash,
+                sampling,
+                kind,
+                tags,
+                provenance,
+                started,
             )
         except BaseException:  # cancelled (or a bug): the instance is in an unknown state
             await self.pool.retire(env)

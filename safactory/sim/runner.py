@@ -221,6 +221,22 @@ class RolloutRunner:
             env = self.env_factory()
         except Exception as exc:
             return None, exc
+        return await self._play(env, task, seed, group_id, task_hash, sampling, kind, tags, provenance, started)
+
+    async def _play(
+        self,
+        env: Environment,
+        task: Task,
+        seed: int,
+        group_id: str,
+        task_hash: str,
+        sampling: SamplingParams,
+        kind: str,
+        tags: dict[str, Any],
+        provenance: dict[str, Any] | None,
+        started: float,
+    ) -> tuple[Trajectory, BaseException | None]:
+        """One episode of `task` on `env` by this runner's policy and limits (see `play_episode`)."""
         return await play_episode(
             env,
             self.policy,
