@@ -216,6 +216,11 @@ class RLConfig(_Strict):
         description="Also imitate the policy's own successful, judged-safe rollouts. Off by default: they soon "
         "outnumber the demonstrations and are mostly what the policy already does well.",
     )
+    imitation_judged: bool = Field(
+        True,
+        description="Imitate only the successes the safety judge passed. False (an ablation) imitates every "
+        "successful demonstration, a naive expert's unsafe ones included.",
+    )
     objective: Literal["ppo", "decoupled", "opd"] = Field(
         "ppo",
         description="ppo: clipped ratio vs the trace's behaviour log-probs (GRPO); decoupled: vs the weights before "

@@ -6,12 +6,14 @@ import random
 
 import torch
 
+from safactory.data.judges import RuleSafetyJudge
 from safactory.evolve.experience import rl_sequences, sft_sequence
-from safactory.evolve.imitation import ImitationPool
+from safactory.evolve.imitation import ImitationPool, curated
 from safactory.evolve.trainer import Trainer
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits
 from safactory.sim.envs.arith import ArithEnv, ArithExpert
+from safactory.sim.envs.ops import OpsEnv, OpsExpert, OpsTasks
 from safactory.sim.runner import RolloutRunner
 
 
@@ -65,3 +67,20 @@ def test_pool_keeps_what_fits_and_samples_without_repeats(policy, chat, arith_ta
     sample = pool.sample(random.Random(0), 100)
     assert len(sample) == len(pool) and len({id(s) for s in sample}) == len(pool)
     assert ImitationPool(context=10, per_sequence=False).sample(random.Random(0), 4) == []
+
+
+def test_curated_leaves_out_what_the_judge_flags_unless_told_not_to_judge():
+    # a naive ops expert obeys injected instructions and still finishes the lookup: successes the judge flags
+    tasks = OpsTasks(benign=0.0, injection=1.0, harmful=0.0, kinds=("lookup",)).tasks("train", 12)
+    runner = RolloutRunner(OpsEnv, OpsExpert(naive=True), limits=EpisodeLimits())
+    trajs = [t for g in asyncio.run(runner.run_groups(tasks, 1, SamplingParams())) for t in g]
+    judge = RuleSafetyJudge()
+    unsafe = [t for t in trajs if t.success and judge.judge(t).unsafe]
+    assert unsafe  # the setting the ablation is about
+    safe = [t for t in trajs if t.success and not judge.judge(t).unsafe]
+
+    kept, left_out = curated(trajs, lambda t: bool(judge.judge(t).unsafe))
+    assert {t.id for t in kept} == {t.id for t in safe} and left_out == len(unsafe)
+    kept, left_out = curated(trajs, lambda t: bool(judge.judge(t).unsafe), judged=False)
+    assert {t.id for t in kept} == {t.id for t in safe + unsafe} and left_out == 0
+    assert all(t.success for t in kept)  # failures are never imitated, judged or not

@@ -16,10 +16,20 @@ in docs/evolution.md).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from safactory.evolve.experience import TrainSequence, rl_sequences, sequence_weighted
 from safactory.types import Trajectory
+
+
+def curated(
+    demos: Iterable[Trajectory], is_unsafe: Callable[[Trajectory], bool], judged: bool = True
+) -> tuple[list[Trajectory], int]:
+    """The successful episodes to imitate, and how many successes were left out: those the safety
+    judge flags (`is_unsafe`) unless `judged` is off (`rl.imitation_judged=false`, an ablation)."""
+    successes = [t for t in demos if t.success]
+    kept = [t for t in successes if not (judged and is_unsafe(t))]
+    return kept, len(successes) - len(kept)
 
 
 class ImitationPool:

@@ -24,7 +24,7 @@ from safactory.data.verdicts import SafetyVerdict, safety_reward
 from safactory.data.writer import StoreWriter
 from safactory.evolve.checkpoint import latest_checkpoint, read_meta
 from safactory.evolve.experience import GroupBatch, TrainSequence, group_batch
-from safactory.evolve.imitation import ImitationPool
+from safactory.evolve.imitation import ImitationPool, curated
 from safactory.evolve.teacher import Teacher, distill
 from safactory.factory.checkpoints import checkpoint
 from safactory.factory.context import EnvSlot, RunContext
@@ -319,9 +319,10 @@ class OnlineStage:
         lr = learner.trainer.lr()
         imitation = self.pool.sample(self.imitation_rng, self.rl.imitation_batch) if self.pool is not None else []
         stats = await asyncio.to_thread(self._update, batch.sequences, imitation)
-        if self.pool is not None and self.pool.own_rollouts:  # this step's successful safe episodes join the pool
-            safe = [t for t in trajs if t.success and not (verdicts.get(t.id) or ctx.judge.judge(t)).unsafe]
-            self.pool.add_rollouts(safe)
+        if self.pool is not None and self.pool.own_rollouts:  # this step's successful (safe) episodes join the pool
+            judge = ctx.judge.judge
+            kept, _ = curated(trajs, lambda t: bool((verdicts.get(t.id) or judge(t)).unsafe), self.rl.imitation_judged)
+            self.pool.add_rollouts(kept)
         trained_version = learner.policy.version
         ctx.store.mark_consumed([t.id for t in trajs], learner.trainer.step, consumer=learner.consumer)
         await publish(ctx, learner)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from safactory.evolve.experience import TrainSequence, sequence_weighted, sft_sequence
-from safactory.evolve.imitation import ImitationPool
+from safactory.evolve.imitation import ImitationPool, curated
 from safactory.factory.context import GREEDY, RunContext
 from safactory.factory.learner import Learner, publish
 from safactory.sim.runner import RolloutRunner
@@ -113,10 +113,11 @@ async def imitation_pool(ctx: RunContext, learner: Learner) -> ImitationPool:
         learner.policy.max_positions, ctx.config.sft.balance == "sequence", own=ctx.config.rl.imitation_own
     )
     demos = await demonstrations(ctx, learner, ctx.state.run_id)
-    safe = [t for t in demos if not ctx.judge.judge(t).unsafe]
-    pool.add_demos(demo_sequences(ctx, learner, safe))
-    ctx.log(
-        f"[{learner.name}] imitation pool: {pool.demos} safe demonstrations "
-        f"({len(demos) - len(safe)} unsafe ones left out)"
-    )
+    judged = ctx.config.rl.imitation_judged
+    kept, left_out = curated(demos, lambda t: bool(ctx.judge.judge(t).unsafe), judged)
+    pool.add_demos(demo_sequences(ctx, learner, kept))
+    if judged:
+        ctx.log(f"[{learner.name}] imitation pool: {pool.demos} safe demonstrations ({left_out} unsafe ones left out)")
+    else:
+        ctx.log(f"[{learner.name}] imitation pool: {pool.demos} demonstrations, unsafe ones included (not judged)")
     return pool
