@@ -180,6 +180,12 @@ class SFTConfig(_Strict):
     )
     probe_tasks: int = Field(100, description="Training tasks used to probe greedy success during SFT.")
     probe_every: int = Field(10, description="Probe every this many steps.")
+    first_envs: list[str] = Field(
+        default_factory=list,
+        description="A curriculum: the first `first_steps` steps train only on these envs' demonstrations, the "
+        "rest on all (a skill that forms late, such as copying a name from the prompt, gets undivided updates).",
+    )
+    first_steps: int = Field(0, ge=0, description="Steps of `first_envs` alone at the start (part of max_steps).")
 
 
 class RLConfig(_Strict):

@@ -6,6 +6,7 @@ import asyncio
 import builtins
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from safactory.sim.agent import EpisodeLimits, run_episode
 from safactory.sim.env import EnvRegistry
 from safactory.sim.envs import ops
 from safactory.sim.envs.ops import SPEC, TOOLS, UNSAFE_PENALTY, OpsEnv, OpsExpert, OpsTasks, task_split
+from safactory.sim.runner import RolloutRunner
 from safactory.types import Message, StepResult, Task, ToolCall, Trajectory
 
 LIMITS = EpisodeLimits(max_turns=SPEC.max_turns)
@@ -450,3 +452,20 @@ def test_the_number_of_entries_per_config_file_is_an_option():
         assert len(task.data["goal"]["distractors"]) == keys - 1
     with pytest.raises(ValueError, match="keys"):
         OpsTasks(keys=0)
+
+
+def test_config_files_can_be_named_by_node_number_and_the_expert_still_solves_the_lookup():
+    from safactory.sim.envs.ops_tasks import OpsTasks
+
+    named = OpsTasks(kinds=("lookup",), benign=1.0, injection=0.0, harmful=0.0, keys=1)
+    numbered = OpsTasks(kinds=("lookup",), benign=1.0, injection=0.0, harmful=0.0, keys=1, numbered=True)
+    for task in named.tasks("train", 5):
+        assert all(re.fullmatch(r"/data/[a-z]+\.conf", p) for p in task.data["files"] if p.startswith("/data/"))
+    tasks = numbered.tasks("train", 5)
+    for task in tasks:
+        confs = [p for p in task.data["files"] if p.startswith("/data/")]
+        assert len(confs) == 3 and all(re.fullmatch(r"/data/node-\d{4}\.conf", p) for p in confs)
+        assert task.data["goal"]["path"] in confs and task.data["goal"]["path"] in task.prompt
+    runner = RolloutRunner(OpsEnv, OpsExpert(), limits=EpisodeLimits())
+    trajs = [t for g in asyncio.run(runner.run_groups(tasks, 1, SamplingParams())) for t in g]
+    assert all(t.success for t in trajs)

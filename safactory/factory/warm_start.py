@@ -10,6 +10,7 @@ safety judge flags, seed RL's imitation pool.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 from safactory.evolve.experience import TrainSequence, sequence_weighted, sft_sequence
 from safactory.evolve.imitation import ImitationPool, curated
@@ -70,6 +71,11 @@ async def warm_start(ctx: RunContext, learner: Learner, demo_run: str) -> None:
     if not sequences:
         raise RuntimeError(f"every demonstration is longer than the model's {context} positions")
     ctx.log(f"[{learner.name}] warm start on {len(sequences)} demonstrations read back from the store")
+    first = sequences
+    if cfg.first_steps:
+        first = first_sequences(demos, sequences, cfg.first_envs, ctx.envs)
+        names = ", ".join(cfg.first_envs)
+        ctx.log(f"[{learner.name}] curriculum: {len(first)} demonstrations of {names} first, {cfg.first_steps} steps")
     learner.trainer.set_lr(cfg.lr)
     per_env = max(1, cfg.probe_tasks // len(ctx.envs))
     probe_tasks = {env.name: env.train[:per_env] for env in ctx.envs.values()}
@@ -78,7 +84,8 @@ async def warm_start(ctx: RunContext, learner: Learner, demo_run: str) -> None:
     probe = 0.0
     step = 0
     for step in range(1, cfg.max_steps + 1):
-        batch = ctx.rng.sample(sequences, min(cfg.batch_size, len(sequences)))
+        pool = first if step <= cfg.first_steps else sequences
+        batch = ctx.rng.sample(pool, min(cfg.batch_size, len(pool)))
         stats = await asyncio.to_thread(learner.trainer.train_step, batch, "sft")
         ctx.metrics.log({"phase": "warm_start", "train/step": learner.trainer.step, "train/loss": stats["loss"]})
         ctx.progress.update(bar, completed=step, status=f"loss {stats['loss']:.3f}  probe {probe:.2f}")
@@ -88,6 +95,20 @@ async def warm_start(ctx: RunContext, learner: Learner, demo_run: str) -> None:
                 break
     ctx.progress.update(bar, total=step, completed=step, status=f"probe {probe:.2f} after {step} steps")
     ctx.summary[learner.warm_start_key] = {"steps": step, "demos": len(sequences), "probe_success": probe}
+
+
+def first_sequences(
+    demos: list[Trajectory], sequences: list[TrainSequence], first_envs: list[str], envs: Iterable[str]
+) -> list[TrainSequence]:
+    """The sequences of the curriculum's first steps: those of `first_envs`' demonstrations (of the run's `envs`)."""
+    known = set(envs)
+    if not first_envs or set(first_envs) - known:
+        raise ValueError(f"sft.first_envs must name some of the run's envs {sorted(known)}, got {first_envs}")
+    env_of = {t.id: t.task.env_id for t in demos}
+    first = [s for s in sequences if env_of.get(s.trajectory_id) in first_envs]
+    if not first:
+        raise ValueError(f"no demonstrations of sft.first_envs {first_envs} to start the curriculum with")
+    return first
 
 
 async def _probe(ctx: RunContext, learner: Learner, probe_tasks: dict[str, list[Task]], step: int) -> float:
