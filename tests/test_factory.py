@@ -27,6 +27,7 @@ OVERRIDES = [
     "rollout.max_tokens_per_turn=12",
     "rollout.concurrency=64",
     "sft.max_steps=2",
+    "sft.first_steps=1",
     "sft.probe_every=2",
     "sft.probe_tasks=3",
     "sft.batch_size=8",
