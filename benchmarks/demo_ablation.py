@@ -90,6 +90,9 @@ def result(out: Path) -> dict[str, float]:
 
 
 def cell(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if v == v]  # NaN: a run without a recorded wall time
+    if not values:
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
