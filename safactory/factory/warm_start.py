@@ -3,8 +3,9 @@
 Each env's scripted expert (for `ops`, a helpful but naive agent) plays the first
 training tasks through the same runner; the episodes are stored, read back, and the
 successful ones are trained on until a greedy probe on training tasks reaches
-`sft.target_success` or `sft.max_steps`. The same demonstrations, minus those the
-safety judge flags, seed RL's imitation pool.
+`sft.target_success` or `sft.max_steps` (the first `sft.first_steps` of them on
+`sft.first_envs`' demonstrations alone: a curriculum). The same demonstrations, minus
+those the safety judge flags (unless `rl.imitation_judged` is off), seed RL's imitation pool.
 """
 
 from __future__ import annotations
