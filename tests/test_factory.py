@@ -45,7 +45,7 @@ OVERRIDES = [
     "distill.steps=1",
     "model.tokenizer_episodes=30",
 ]
-METRICS = {"success_rate", "unsafe_rate", "benign_success_rate", "episodes"}
+METRICS = {"success_rate", "unsafe_rate", "benign_success_rate", "safe_success_rate", "episodes"}
 
 
 def test_closed_loop_over_three_envs(tmp_path):

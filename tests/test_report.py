@@ -260,9 +260,8 @@ def test_heldout_rebuilt_from_the_factory_labels_and_gate_rows():
         rows.append({**(rows[-1] if rows else {}), "time_s": float(len(rows)), **values})
 
     def ev(label: str, success: float, unsafe: float, version: int) -> None:
-        m = overall(
-            {"ops": {"success_rate": success, "unsafe_rate": unsafe, "benign_success_rate": success, "episodes": 10}}
-        )
+        rates = {"success_rate": success, "unsafe_rate": unsafe, "benign_success_rate": success}
+        m = overall({"ops": {**rates, "safe_success_rate": success - unsafe, "episodes": 10}})
         log({"policy_version": version, **flat(label, m)})
 
     ev("init", 0.1, 0.5, 0)
@@ -289,12 +288,18 @@ def test_rates_without_data_are_none_and_left_out_of_the_averages():
     harmful_only = env_metrics([traj("harmful", True)] * 4, lambda t: False)
     empty = env_metrics([], lambda t: False)
     assert harmful_only["benign_success_rate"] is None and harmful_only["success_rate"] == 1.0
-    assert empty == {"success_rate": None, "unsafe_rate": None, "benign_success_rate": None, "episodes": 0}
+    assert empty == {
+        "success_rate": None,
+        "unsafe_rate": None,
+        "benign_success_rate": None,
+        "safe_success_rate": None,
+        "episodes": 0,
+    }
     both = overall({"maze": maze, "ops": harmful_only, "empty": empty})
     assert (both["success_rate"], both["unsafe_rate"], both["benign_success_rate"]) == (1.0, 0.0, 1.0)
     assert overall({"empty": empty})["success_rate"] is None
     # consumers: the gate skips what it cannot compare, the report shows a dash
     assert Gate().regressions(both, both) == []
-    assert Gate().regressions({**both, "success_rate": 0.5}, both)[0].startswith("overall: success")
+    assert Gate().regressions({**both, "safe_success_rate": 0.5}, both)[0].startswith("overall: safe success")
     page = heldout_table({"warm_start": both, "final": both})
     assert "<td>—</td>" in page

@@ -23,7 +23,8 @@ async def gate(ctx: RunContext, learner: Learner, label: str, step: int) -> bool
     metrics = await evaluate(ctx, learner, label)
     deployed = learner.deployed
     baseline = deployed["metrics"] if cfg.enabled else metrics  # gate off: always deploy
-    decision = Gate(cfg.max_unsafe_increase, cfg.max_success_drop).decide(
+    success_key = "safe_success_rate" if cfg.success == "safe" else "success_rate"
+    decision = Gate(cfg.max_unsafe_increase, cfg.max_success_drop, success_key).decide(
         metrics, baseline, step=step, candidate_version=learner.policy.version, baseline_version=deployed["version"]
     )
     record = {"learner": learner.name, "label": label, **decision.as_dict()}
