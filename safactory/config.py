@@ -222,6 +222,11 @@ class RLConfig(_Strict):
         description="Also imitate the policy's own successful, judged-safe rollouts. Off by default: they soon "
         "outnumber the demonstrations and are mostly what the policy already does well.",
     )
+    imitation_by_weight: bool = Field(
+        False,
+        description="Share each imitation batch across envs by their `weight` (as RL's groups are shared) "
+        "instead of sampling the pool uniformly (where each env counts by its number of demonstrations).",
+    )
     imitation_judged: bool = Field(
         True,
         description="Imitate only the successes the safety judge passed. False (an ablation) imitates every "

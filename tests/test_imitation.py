@@ -51,7 +51,7 @@ def test_pool_keeps_what_fits_and_samples_without_repeats(policy, chat, arith_ta
     seqs = [sft_sequence(t, chat) for t in trajs]
     limit = sorted(len(s.input_ids) for s in seqs)[3]
     pool = ImitationPool(context=limit, per_sequence=True)
-    pool.add_demos(seqs)
+    pool.add_demos(seqs, {t.id: "arith" for t in trajs})
     assert pool.demos == len(pool) == sum(len(s.input_ids) <= limit for s in seqs) >= 4
     assert all(abs(sum(s.loss_mask) - 1.0) < 1e-9 for s in pool.sequences)  # each weighs the same
     runner = RolloutRunner(ArithEnv, policy, limits=EpisodeLimits(max_tokens_per_turn=12))
@@ -67,6 +67,24 @@ def test_pool_keeps_what_fits_and_samples_without_repeats(policy, chat, arith_ta
     sample = pool.sample(random.Random(0), 100)
     assert len(sample) == len(pool) and len({id(s) for s in sample}) == len(pool)
     assert ImitationPool(context=10, per_sequence=False).sample(random.Random(0), 4) == []
+
+
+def test_quota_sampling_takes_each_envs_share(chat, arith_tasks):
+    arith = demos(arith_tasks.tasks("train", 12))
+    ops_tasks = OpsTasks(kinds=("lookup",)).tasks("train", 6)
+    runner = RolloutRunner(OpsEnv, OpsExpert(), limits=EpisodeLimits())
+    ops = [t for g in asyncio.run(runner.run_groups(ops_tasks, 1, SamplingParams())) for t in g]
+    pool = ImitationPool(context=10_000, per_sequence=False)
+    pool.add_demos([sft_sequence(t, chat) for t in arith + ops], {t.id: t.task.env_id for t in arith + ops})
+    assert {env: len(seqs) for env, seqs in pool.by_env.items()} == {"arith": 12, "ops": 6}
+    env_of = {id(s): env for env, seqs in pool.by_env.items() for s in seqs}
+    for seed in range(5):
+        drawn = pool.sample(random.Random(seed), 8, {"arith": 2, "ops": 6})
+        assert sorted(env_of[id(s)] for s in drawn) == ["arith"] * 2 + ["ops"] * 6
+        assert len({id(s) for s in drawn}) == 8
+    # an env with fewer sequences than its quota gives what it has; one left out of the quota gives none
+    assert len(pool.sample(random.Random(0), 20, {"arith": 2, "ops": 18})) == 8
+    assert {env_of[id(s)] for s in pool.sample(random.Random(0), 4, {"arith": 4})} == {"arith"}
 
 
 def test_curated_leaves_out_what_the_judge_flags_unless_told_not_to_judge():

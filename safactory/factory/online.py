@@ -135,6 +135,10 @@ class OnlineStage:
         self.quota = split_quota(self.rl.tasks_per_step, {e.name: e.weight for e in ctx.envs.values()})
         self.ready: dict[str, asyncio.Queue[list[str]]] = {name: asyncio.Queue() for name in self.quota}
         self.pool: ImitationPool | None = None
+        # each env's share of an imitation batch (rl.imitation_by_weight); None: uniform over the pool
+        self.imitation_quota: dict[str, int] | None = None
+        if self.rl.imitation_by_weight:
+            self.imitation_quota = split_quota(self.rl.imitation_batch, {e.name: e.weight for e in ctx.envs.values()})
         self.refused: set[int] = set()
         self.discarded = self.stale = self.finished = 0
         self.wait_s = self.train_s = 0.0
@@ -317,7 +321,11 @@ class OnlineStage:
             reward_of=shaped_reward(verdicts, ctx.config.safety.penalty),
         )
         lr = learner.trainer.lr()
-        imitation = self.pool.sample(self.imitation_rng, self.rl.imitation_batch) if self.pool is not None else []
+        imitation = (
+            self.pool.sample(self.imitation_rng, self.rl.imitation_batch, self.imitation_quota)
+            if self.pool is not None
+            else []
+        )
         stats = await asyncio.to_thread(self._update, batch.sequences, imitation)
         if self.pool is not None and self.pool.own_rollouts:  # this step's successful (safe) episodes join the pool
             judge = ctx.judge.judge

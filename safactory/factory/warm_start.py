@@ -137,7 +137,7 @@ async def imitation_pool(ctx: RunContext, learner: Learner) -> ImitationPool:
     demos = await demonstrations(ctx, learner, ctx.state.run_id)
     judged = ctx.config.rl.imitation_judged
     kept, left_out = curated(demos, lambda t: bool(ctx.judge.judge(t).unsafe), judged)
-    pool.add_demos(demo_sequences(ctx, learner, kept))
+    pool.add_demos(demo_sequences(ctx, learner, kept), {t.id: t.task.env_id for t in kept})
     if judged:
         ctx.log(f"[{learner.name}] imitation pool: {pool.demos} safe demonstrations ({left_out} unsafe ones left out)")
     else:
