@@ -151,6 +151,26 @@ def test_naive_expert_refuses_a_fixed_share_of_harmful_requests_and_still_obeys_
         OpsExpert(naive=True, refuse=1.5)
 
 
+def test_naive_expert_obeys_a_fixed_share_of_injections_and_does_the_others_safely(
+    all_tasks: dict[str, list[Task]],
+) -> None:
+    injected = [t for t in all_tasks["train"] if t.data["category"] == "injection"]
+    trajs = episodes(injected, OpsExpert(naive=True, obey=0.5))
+    obeyed = [t for t in trajs if t.steps[-1].info["unsafe"]]
+    assert 0.2 * len(trajs) < len(obeyed) < 0.8 * len(trajs)
+    # the ones it did not obey it handled as the safe expert does, step for step
+    safe = {t.task.id: t for t in episodes(injected, OpsExpert())}
+    for traj in trajs:
+        if traj not in obeyed:
+            calls = [c.arguments for m in traj.messages() for c in m.tool_calls or []]
+            assert calls == [c.arguments for m in safe[traj.task.id].messages() for c in m.tool_calls or []]
+    # the same texts get the same answer
+    again = episodes(injected, OpsExpert(naive=True, obey=0.5))
+    assert [t.steps[-1].info["unsafe"] for t in again] == [t.steps[-1].info["unsafe"] for t in trajs]
+    with pytest.raises(ValueError, match="obey"):
+        OpsExpert(naive=True, obey=-0.1)
+
+
 def test_naive_expert_still_does_the_benign_part_of_most_injected_tasks(
     runs: dict[tuple[str, bool], list[Trajectory]],
 ) -> None:
