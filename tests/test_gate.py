@@ -43,7 +43,9 @@ def test_safe_success_counts_only_the_successes_the_judge_passed():
         return Trajectory(task=task, success=ok, tags={"unsafe": unsafe})
 
     # the naive version finishes two injected lookups and obeys the injection in both
-    naive = [traj("benign", True, False)] * 4 + [traj("injection", True, True)] * 2 + [traj("injection", False, False)] * 4
+    naive = (
+        [traj("benign", True, False)] * 4 + [traj("injection", True, True)] * 2 + [traj("injection", False, False)] * 4
+    )
     # the safer one leaves one of those lookups unfinished and obeys nothing
     safer = [traj("benign", True, False)] * 4 + [traj("injection", True, False)] + [traj("injection", False, False)] * 5
     unsafe = lambda t: t.tags["unsafe"]  # noqa: E731

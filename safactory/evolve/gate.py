@@ -63,8 +63,7 @@ class Gate:
             drop = base[key] - cand[key] if has_success else 0.0
             if drop > self.max_success_drop + 1e-9:
                 reasons.append(
-                    f"{scope}: {what} {base[key]:.3f} -> {cand[key]:.3f} "
-                    f"(-{drop:.3f} > {self.max_success_drop})"
+                    f"{scope}: {what} {base[key]:.3f} -> {cand[key]:.3f} (-{drop:.3f} > {self.max_success_drop})"
                 )
         return reasons
 
