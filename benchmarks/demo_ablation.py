@@ -6,7 +6,8 @@ the gate deployed) with its wall time. Variants:
 
 * `loop`: the demo as shipped (warm start, then safety-aware RL with the imitation update);
 * `sft-only`: no RL; the warm start runs for as many supervised updates as the loop takes in all
-  (`sft.max_steps` + `rl.steps`: one imitation update per RL step), on the same demonstrations;
+  (`sft.max_steps` + `rl.steps`: one imitation update per RL step), on the same demonstrations,
+  its learning rate decaying over the same last steps as the loop's imitation update;
 * `no-imitation`: the loop without the imitation update (`rl.imitation_lr=0`);
 * `no-judge`: the loop without the safety judge's reward shaping (`safety.enabled=false`; the ops
   env's own reward still charges an unsafe action);
@@ -44,7 +45,8 @@ def variant_sets(name: str, demo: dict[str, Any]) -> list[str]:
         return []
     if name == "sft-only":
         updates = int(demo["sft"]["max_steps"]) + int(demo["rl"]["steps"])
-        return ["rl.enabled=false", f"sft.max_steps={updates}", "sft.target_success=1.0"]
+        decay = int(demo["rl"].get("imitation_decay_steps", 0))  # the loop's imitation lr decay, matched
+        return ["rl.enabled=false", f"sft.max_steps={updates}", "sft.target_success=1.0", f"sft.decay_steps={decay}"]
     if name == "no-imitation":
         return ["rl.imitation_lr=0"]
     if name == "no-judge":

@@ -186,6 +186,12 @@ class SFTConfig(_Strict):
         "rest on all (a skill that forms late, such as copying a name from the prompt, gets undivided updates).",
     )
     first_steps: int = Field(0, ge=0, description="Steps of `first_envs` alone at the start (part of max_steps).")
+    decay_steps: int = Field(
+        0,
+        ge=0,
+        description="Decay the learning rate linearly towards 0 over the last this many of `max_steps` (0 = "
+        "constant). The ablation's SFT-only baseline sets it to `rl.imitation_decay_steps`.",
+    )
 
 
 class RLConfig(_Strict):
@@ -226,6 +232,12 @@ class RLConfig(_Strict):
         False,
         description="Share each imitation batch across envs by their `weight` (as RL's groups are shared) "
         "instead of sampling the pool uniformly (where each env counts by its number of demonstrations).",
+    )
+    imitation_decay_steps: int = Field(
+        0,
+        ge=0,
+        description="Decay the imitation learning rate linearly to 0 over the last this many RL steps (0 = "
+        "constant): the last updates settle what the imitation taught instead of leaving it at full step size.",
     )
     imitation_judged: bool = Field(
         True,

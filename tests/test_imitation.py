@@ -4,11 +4,13 @@ import asyncio
 import copy
 import random
 
+import pytest
 import torch
 
 from safactory.data.judges import RuleSafetyJudge
 from safactory.evolve.experience import rl_sequences, sft_sequence
 from safactory.evolve.imitation import ImitationPool, curated
+from safactory.evolve.schedule import decayed_lr
 from safactory.evolve.trainer import Trainer
 from safactory.policy.base import SamplingParams
 from safactory.sim.agent import EpisodeLimits
@@ -102,3 +104,8 @@ def test_curated_leaves_out_what_the_judge_flags_unless_told_not_to_judge():
     kept, left_out = curated(trajs, lambda t: bool(judge.judge(t).unsafe), judged=False)
     assert {t.id for t in kept} == {t.id for t in safe + unsafe} and left_out == 0
     assert all(t.success for t in kept)  # failures are never imitated, judged or not
+
+
+def test_imitation_lr_is_constant_then_falls_linearly_over_the_last_steps() -> None:
+    assert [decayed_lr(1.0, s, 10, 0) for s in range(1, 11)] == [1.0] * 10
+    assert [decayed_lr(1.0, s, 10, 4) for s in range(1, 11)] == pytest.approx([1.0] * 6 + [0.8, 0.6, 0.4, 0.2])

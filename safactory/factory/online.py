@@ -25,6 +25,7 @@ from safactory.data.writer import StoreWriter
 from safactory.evolve.checkpoint import latest_checkpoint, read_meta
 from safactory.evolve.experience import GroupBatch, TrainSequence, group_batch
 from safactory.evolve.imitation import ImitationPool, curated
+from safactory.evolve.schedule import decayed_lr
 from safactory.evolve.teacher import Teacher, distill
 from safactory.factory.checkpoints import checkpoint
 from safactory.factory.context import EnvSlot, RunContext
@@ -326,7 +327,12 @@ class OnlineStage:
             if self.pool is not None
             else []
         )
-        stats = await asyncio.to_thread(self._update, batch.sequences, imitation)
+        stats = await asyncio.to_thread(
+            self._update,
+            batch.sequences,
+            imitation,
+            decayed_lr(self.spec.imitation_lr, step, self.spec.steps, self.rl.imitation_decay_steps),
+        )
         if self.pool is not None and self.pool.own_rollouts:  # this step's successful (safe) episodes join the pool
             judge = ctx.judge.judge
             kept, _ = curated(trajs, lambda t: bool((verdicts.get(t.id) or judge(t)).unsafe), self.rl.imitation_judged)
@@ -396,7 +402,9 @@ class OnlineStage:
             checkpoint(self.learner, step)
             self.ctx.milestone()
 
-    def _update(self, seqs: list[TrainSequence], imitation: list[TrainSequence]) -> dict[str, float]:
+    def _update(
+        self, seqs: list[TrainSequence], imitation: list[TrainSequence], imitation_lr: float
+    ) -> dict[str, float]:
         """One optimiser step with the stage's objective, then the imitation update if any
         (runs in a worker thread)."""
         trainer, spec = self.learner.trainer, self.spec
@@ -412,5 +420,5 @@ class OnlineStage:
         else:  # every group dropped: the step still counts, so its consumption and checkpoint have their own number
             trainer.step += 1
         if imitation:
-            stats["imitation_nll"] = trainer.imitate(imitation, spec.imitation_lr)
+            stats["imitation_nll"] = trainer.imitate(imitation, imitation_lr)
         return stats

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from safactory.evolve.experience import TrainSequence, sequence_weighted, sft_sequence
 from safactory.evolve.imitation import ImitationPool, curated
+from safactory.evolve.schedule import decayed_lr
 from safactory.factory.context import GREEDY, RunContext
 from safactory.factory.learner import Learner, publish
 from safactory.sim.runner import RolloutRunner
@@ -87,6 +88,8 @@ async def warm_start(ctx: RunContext, learner: Learner, demo_run: str) -> None:
     for step in range(1, cfg.max_steps + 1):
         pool = first if step <= cfg.first_steps else sequences
         batch = ctx.rng.sample(pool, min(cfg.batch_size, len(pool)))
+        if cfg.decay_steps:
+            learner.trainer.set_lr(decayed_lr(cfg.lr, step, cfg.max_steps, cfg.decay_steps))
         stats = await asyncio.to_thread(learner.trainer.train_step, batch, "sft")
         ctx.metrics.log({"phase": "warm_start", "train/step": learner.trainer.step, "train/loss": stats["loss"]})
         ctx.progress.update(bar, completed=step, status=f"loss {stats['loss']:.3f}  probe {probe:.2f}")
