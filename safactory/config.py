@@ -236,7 +236,7 @@ class RLConfig(_Strict):
     imitation_decay_steps: int = Field(
         0,
         ge=0,
-        description="Decay the imitation learning rate linearly to 0 over the last this many RL steps (0 = "
+        description="Decay the imitation learning rate linearly towards 0 over the last this many RL steps (0 = "
         "constant): the last updates settle what the imitation taught instead of leaving it at full step size.",
     )
     imitation_judged: bool = Field(
