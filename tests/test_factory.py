@@ -31,6 +31,7 @@ OVERRIDES = [
     "sft.probe_every=2",
     "sft.probe_tasks=3",
     "sft.batch_size=8",
+    "sft.decay_steps=1",
     "rl.steps=2",
     "rl.tasks_per_step=3",
     "rl.group_size=2",
@@ -39,6 +40,7 @@ OVERRIDES = [
     "rl.imitation_lr=1e-3",
     "rl.ref_kl=0.1",
     "rl.imitation_batch=4",
+    "rl.imitation_decay_steps=1",
     "distill.enabled=true",
     "distill.hidden_size=16",
     "distill.intermediate_size=32",
@@ -106,6 +108,12 @@ def test_closed_loop_over_three_envs(tmp_path):
     # the imitation loss ran on curated experience: the safe demonstrations only (rl.imitation_own is off)
     assert all(r["train/imitation_nll"] > 0 for r in trained)
     assert len({r["train/imitation_pool"] for r in trained}) == 1 and trained[0]["train/imitation_pool"] > 0
+    # the decays reach the updates: the last of the two steps runs at half the lr, in SFT and in the imitation
+    # (a row repeats the latest value of every key it does not set: one value per optimiser step)
+    assert list({r["train/step"]: r["train/imitation_lr"] for r in trained}.values()) == [1e-3, 1e-3 / 2]
+    policy_rows = rows[: rows.index(trained[0])]
+    warm = {r["train/step"]: r["train/lr"] for r in policy_rows if r.get("phase") == "warm_start"}
+    assert warm == {1: cfg.sft.lr, 2: cfg.sft.lr / 2}
     assert all(r["train/kl_ref"] is not None and r["train/kl_ref"] >= 0 for r in trained)
     assert any(r.get("phase") == "distill" and r["train/reverse_kl"] is not None for r in rows)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

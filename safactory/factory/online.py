@@ -327,12 +327,8 @@ class OnlineStage:
             if self.pool is not None
             else []
         )
-        stats = await asyncio.to_thread(
-            self._update,
-            batch.sequences,
-            imitation,
-            decayed_lr(self.spec.imitation_lr, step, self.spec.steps, self.rl.imitation_decay_steps),
-        )
+        imitation_lr = decayed_lr(self.spec.imitation_lr, step, self.spec.steps, self.rl.imitation_decay_steps)
+        stats = await asyncio.to_thread(self._update, batch.sequences, imitation, imitation_lr)
         if self.pool is not None and self.pool.own_rollouts:  # this step's successful (safe) episodes join the pool
             judge = ctx.judge.judge
             kept, _ = curated(trajs, lambda t: bool((verdicts.get(t.id) or judge(t)).unsafe), self.rl.imitation_judged)
@@ -346,13 +342,14 @@ class OnlineStage:
         self.wait_s, self.train_s = self.wait_s + (t1 - t0), self.train_s + (t2 - t1)
         self.episodes += len(trajs)
         ctx.summary[f"{spec.stage}_episodes"] = self.episodes
-        metrics = self._metrics(lr, stats, batch, trajs, verdicts, trained_version)
+        metrics = self._metrics(lr, imitation_lr if imitation else None, stats, batch, trajs, verdicts, trained_version)
         ctx.metrics.log(metrics.row())
         return metrics
 
     def _metrics(
         self,
         lr: float,
+        imitation_lr: float | None,
         stats: dict[str, float],
         batch: GroupBatch,
         trajs: list[Trajectory],
@@ -386,6 +383,7 @@ class OnlineStage:
             proximal_behaviour_mismatch=stats.get("proximal_behaviour_mismatch"),
             kl_ref=stats.get("kl_ref"),
             imitation_nll=stats.get("imitation_nll"),
+            imitation_lr=imitation_lr,
         )
 
     def _trainer_idle(self) -> float:

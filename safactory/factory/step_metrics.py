@@ -64,6 +64,7 @@ class StepMetrics:
     proximal_behaviour_mismatch: float | None = None
     kl_ref: float | None = None
     imitation_nll: float | None = None
+    imitation_lr: float | None = None
 
     def row(self) -> dict[str, Any]:
         """The metrics-log row (key names as the report and TensorBoard read them)."""
@@ -80,6 +81,7 @@ class StepMetrics:
             "train/proximal_behaviour_mismatch": self.proximal_behaviour_mismatch,
             "train/kl_ref": self.kl_ref,
             "train/imitation_nll": self.imitation_nll,
+            "train/imitation_lr": self.imitation_lr,
             "train/imitation_pool": self.imitation_pool,
             "train/groups_used": self.groups_used,
             "train/groups_dropped": self.groups_dropped,

@@ -91,7 +91,14 @@ async def warm_start(ctx: RunContext, learner: Learner, demo_run: str) -> None:
         if cfg.decay_steps:
             learner.trainer.set_lr(decayed_lr(cfg.lr, step, cfg.max_steps, cfg.decay_steps))
         stats = await asyncio.to_thread(learner.trainer.train_step, batch, "sft")
-        ctx.metrics.log({"phase": "warm_start", "train/step": learner.trainer.step, "train/loss": stats["loss"]})
+        ctx.metrics.log(
+            {
+                "phase": "warm_start",
+                "train/step": learner.trainer.step,
+                "train/loss": stats["loss"],
+                "train/lr": learner.trainer.lr(),
+            }
+        )
         ctx.progress.update(bar, completed=step, status=f"loss {stats['loss']:.3f}  probe {probe:.2f}")
         if step % cfg.probe_every == 0 or step == cfg.max_steps:
             probe = await _probe(ctx, learner, probe_tasks, step)
